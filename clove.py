@@ -1,0 +1,1410 @@
+"""clove: a small reverse proxy that serves the Anthropic API with one Claude account's OAuth tokens.
+
+Clients (the anthropic SDKs, Claude Code, curl) send requests with clove's own API key; clove
+replaces it with the account's OAuth access token, refreshes that token before it expires, and
+passes request and response bodies through unchanged.
+
+    python clove.py                            serve (also: uvicorn clove:create_app --factory)
+    python clove.py import-claude-code [PATH]  import ~/.claude/.credentials.json
+    python clove.py import-token [TOKEN|-]     import a long-lived token from `claude setup-token`
+
+Settings are read from, highest first: the process environment, the env file `clove.env` in the
+working directory (or the file named by CLOVE_ENV_FILE), DATA_FOLDER/config.json, and the defaults
+in SETTINGS below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import email.utils
+import json
+import logging
+import math
+import os
+import secrets
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.config import Config
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+# --- Constants and logger ---
+
+logger = logging.getLogger("clove")
+
+ANTHROPIC_VERSION = "2023-06-01"
+# The Messages API rejects OAuth access tokens unless this beta is listed in anthropic-beta.
+OAUTH_BETA = "oauth-2025-04-20"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+TOKEN_REQUEST_TIMEOUT_SECONDS = 30.0
+# After a transient refresh failure, a token that is still usable is served for this long before
+# the token endpoint is tried again, so requests are not held up by a refresh that keeps failing.
+REFRESH_BACKOFF_SECONDS = 30.0
+# An upstream retry-after longer than this is not waited for; the response goes to the client.
+MAX_HONOURED_RETRY_AFTER_SECONDS = 20.0
+SAVE_RETRY_INTERVAL_SECONDS = 5.0
+RETRYABLE_STATUS_CODES = frozenset({500, 502, 503, 504, 529})
+LONG_LIVED_TOKEN_NOTE = "long-lived token: never refreshed"
+
+# Headers that describe one connection (RFC 9110 section 7.6.1) or that clove sets itself. They
+# are never copied between the client and the upstream.
+HOP_BY_HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+CLIENT_HEADERS_NOT_FORWARDED = HOP_BY_HOP_HEADERS | {
+    "host",
+    "content-length",
+    "x-api-key",
+    "authorization",
+    "cookie",
+    "anthropic-version",
+    "anthropic-beta",
+    # clove requests identity encoding upstream, so streamed bytes normally pass through as sent.
+    "accept-encoding",
+}
+# Bodies reach the client decoded (aiter_bytes), so the upstream's length and encoding no longer apply.
+UPSTREAM_HEADERS_NOT_RETURNED = HOP_BY_HOP_HEADERS | {"content-length", "content-encoding", "set-cookie", "date", "server"}
+
+# --- Errors ---
+
+
+class CloveError(Exception):
+    """An error that clove turns into an Anthropic-shaped error response."""
+
+    status_code = 500
+    error_type = "api_error"
+
+    def __init__(self, message: str, *, status_code: int | None = None, error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status_code is not None:
+            self.status_code = status_code
+        if error_type is not None:
+            self.error_type = error_type
+
+
+class SettingsError(ValueError):
+    """A setting with a value clove cannot use; the message names the setting and the value."""
+
+
+class AccountFileError(ValueError):
+    """An account file or credentials file that cannot be read or parsed."""
+
+
+def error_body(error_type: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
+def error_response(status_code: int, error_type: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(error_type, message), status_code=status_code, headers=headers)
+
+
+# --- Settings ---
+
+
+def _parse_text(value: str) -> str:
+    return value.strip()
+
+
+def _parse_optional_text(value: str) -> str | None:
+    return value.strip() or None
+
+
+def _parse_url(value: str) -> str:
+    value = value.strip()
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("expected an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+def _parse_path(value: str) -> Path:
+    if not value.strip():
+        raise ValueError("expected a folder path")
+    return Path(value.strip()).expanduser()
+
+
+def _parse_list(value: str) -> list[str]:
+    return [item for item in value.replace(",", " ").split() if item]
+
+
+def _make_int_parser(minimum: int, maximum: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ValueError(f"expected a whole number from {minimum} to {maximum}") from None
+        if not minimum <= number <= maximum:
+            raise ValueError(f"expected a whole number from {minimum} to {maximum}")
+        return number
+
+    return parse
+
+
+def _make_float_parser(minimum: float, maximum: float) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ValueError(f"expected a number of seconds from {minimum:g} to {maximum:g}") from None
+        if not math.isfinite(number) or not minimum <= number <= maximum:
+            raise ValueError(f"expected a number of seconds from {minimum:g} to {maximum:g}")
+        return number
+
+    return parse
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _parse_log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
+        raise ValueError("expected one of " + ", ".join(LOG_LEVELS))
+    return level
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One setting: its environment name, its key in config.json, how to parse it and its default."""
+
+    name: str
+    json_path: tuple[str, ...]
+    parse: Callable[[str], Any]
+    default: str
+    help: str
+    secret: bool = False
+
+
+SETTINGS: tuple[SettingSpec, ...] = (
+    SettingSpec("HOST", ("host",), _parse_text, "0.0.0.0", "Address to listen on; 127.0.0.1 keeps clove local."),
+    SettingSpec("PORT", ("port",), _make_int_parser(1, 65535), "5201", "TCP port to listen on."),
+    SettingSpec(
+        "API_KEY",
+        ("api_key",),
+        _parse_optional_text,
+        "",
+        "Key clients must send (x-api-key or Authorization: Bearer). Empty: generate one in DATA_FOLDER.",
+        secret=True,
+    ),
+    SettingSpec(
+        "CLAUDE_API_BASEURL", ("claude_api_baseurl",), _parse_url, "https://api.anthropic.com", "Upstream Anthropic API."
+    ),
+    SettingSpec(
+        "OAUTH_CLIENT_ID",
+        ("oauth", "client_id"),
+        _parse_text,
+        "9d1c250a-e61b-44d9-88ed-5944d1962f5e",
+        "OAuth client id (Claude Code's public PKCE client).",
+    ),
+    SettingSpec(
+        "OAUTH_AUTHORIZE_URL",
+        ("oauth", "authorize_url"),
+        _parse_url,
+        "https://claude.com/cai/oauth/authorize",
+        "OAuth authorization page.",
+    ),
+    SettingSpec(
+        "OAUTH_TOKEN_URL",
+        ("oauth", "token_url"),
+        _parse_url,
+        "https://platform.claude.com/v1/oauth/token",
+        "OAuth token endpoint (JSON request bodies).",
+    ),
+    SettingSpec(
+        "OAUTH_REDIRECT_URI",
+        ("oauth", "redirect_uri"),
+        _parse_url,
+        "https://platform.claude.com/oauth/code/callback",
+        "OAuth redirect URI; the default page shows CODE#STATE to paste.",
+    ),
+    SettingSpec(
+        "OAUTH_SCOPES", ("oauth", "scopes"), _parse_text, "user:profile user:inference", "Space-separated OAuth scopes."
+    ),
+    SettingSpec("DATA_FOLDER", ("data_folder",), _parse_path, "~/.clove/data", "Folder for account.json and api_key."),
+    SettingSpec(
+        "MAX_RETRIES", ("max_retries",), _make_int_parser(1, 20), "3", "Upstream attempts in total, first one included."
+    ),
+    SettingSpec(
+        "RETRY_DELAY",
+        ("retry_delay",),
+        _make_float_parser(0, 60),
+        "1",
+        "Seconds before the first retry; doubles for each further one.",
+    ),
+    SettingSpec(
+        "REFRESH_LEEWAY_SECONDS",
+        ("refresh_leeway_seconds",),
+        _make_int_parser(0, 86400),
+        "300",
+        "Refresh the access token this many seconds before it expires.",
+    ),
+    SettingSpec(
+        "MAX_BODY_BYTES",
+        ("max_body_bytes",),
+        _make_int_parser(1, 1 << 31),
+        str(32 * 1024 * 1024),
+        "Largest request body accepted, in bytes (the Messages API's own limit is 32 MiB).",
+    ),
+    SettingSpec(
+        "CONNECT_TIMEOUT",
+        ("connect_timeout",),
+        _make_float_parser(0.1, 300),
+        "10",
+        "Seconds to wait for a connection to the upstream.",
+    ),
+    SettingSpec(
+        "READ_TIMEOUT",
+        ("read_timeout",),
+        _make_float_parser(1, 3600),
+        "600",
+        "Seconds to wait between two bytes from the upstream (a whole non-streaming reply).",
+    ),
+    SettingSpec(
+        "CORS_ORIGINS", ("cors_origins",), _parse_list, "", "Browser origins allowed by CORS, comma-separated; empty: off."
+    ),
+    SettingSpec("LOG_LEVEL", ("log_level",), _parse_log_level, "INFO", "One of DEBUG, INFO, WARNING, ERROR, CRITICAL."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 5201
+    api_key: str | None = field(default=None, repr=False)
+    claude_api_baseurl: str = "https://api.anthropic.com"
+    oauth_client_id: str = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
+    oauth_authorize_url: str = "https://claude.com/cai/oauth/authorize"
+    oauth_token_url: str = "https://platform.claude.com/v1/oauth/token"
+    oauth_redirect_uri: str = "https://platform.claude.com/oauth/code/callback"
+    oauth_scopes: str = "user:profile user:inference"
+    data_folder: Path = field(default_factory=lambda: Path("~/.clove/data").expanduser())
+    max_retries: int = 3
+    retry_delay: float = 1.0
+    refresh_leeway_seconds: int = 300
+    max_body_bytes: int = 32 * 1024 * 1024
+    connect_timeout: float = 10.0
+    read_timeout: float = 600.0
+    cors_origins: list[str] = field(default_factory=list)
+    log_level: str = "INFO"
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise SettingsError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise SettingsError(f"invalid JSON in {path}: {exc}") from exc
+    if not isinstance(document, dict):
+        raise SettingsError(f"invalid {path}: expected a JSON object at the top level")
+    return document
+
+
+def _lookup_json(document: Mapping[str, Any], json_path: tuple[str, ...]) -> str | None:
+    value: Any = document
+    for key in json_path:
+        if not isinstance(value, Mapping) or key not in value:
+            return None
+        value = value[key]
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return " ".join(str(item) for item in value)
+    return str(value)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from the environment, the env file, DATA_FOLDER/config.json and defaults.
+
+    Raises SettingsError naming the setting, the value and what is accepted.
+    """
+    environ = os.environ if environ is None else environ
+    env_file = Path(environ.get("CLOVE_ENV_FILE", "clove.env")).expanduser()
+    config = Config(env_file if env_file.is_file() else None, environ=environ)
+
+    def from_environment(spec: SettingSpec) -> str | None:
+        value: str | None = config(spec.name, default=None)
+        return value
+
+    data_folder_spec = next(spec for spec in SETTINGS if spec.name == "DATA_FOLDER")
+    first_data_folder = _parse_setting(data_folder_spec, from_environment(data_folder_spec) or data_folder_spec.default)
+    document = _read_config_json(first_data_folder / "config.json")
+
+    values: dict[str, Any] = {}
+    for spec in SETTINGS:
+        raw = from_environment(spec)
+        if raw is None:
+            raw = _lookup_json(document, spec.json_path)
+        if raw is None:
+            raw = spec.default
+        values[spec.name.lower()] = _parse_setting(spec, raw)
+    return Settings(**values)
+
+
+def _parse_setting(spec: SettingSpec, raw: str) -> Any:
+    try:
+        return spec.parse(raw)
+    except ValueError as exc:
+        shown = "(hidden)" if spec.secret else repr(raw)
+        raise SettingsError(f"invalid {spec.name} {shown}: {exc}") from None
+
+
+# --- Accounts ---
+
+
+@dataclass
+class Account:
+    """The one Claude account clove serves, stored as DATA_FOLDER/account.json.
+
+    expires_at is in Unix seconds; None together with refresh_token None marks a long-lived token
+    that is never refreshed.
+    """
+
+    organization_uuid: str | None
+    access_token: str = field(repr=False)
+    refresh_token: str | None = field(repr=False)
+    expires_at: int | None
+    status: str = "valid"
+    created_at: int = 0
+    updated_at: int = 0
+    account_email: str | None = None
+    account_uuid: str | None = None
+
+    @property
+    def refreshable(self) -> bool:
+        return self.refresh_token is not None
+
+    def needs_refresh(self, now: float, leeway_seconds: float) -> bool:
+        if not self.refreshable or self.expires_at is None:
+            return False
+        return now >= self.expires_at - leeway_seconds
+
+    def has_expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    @classmethod
+    def from_record(cls, record: object) -> Account:
+        """Build an Account from a decoded JSON record; raises AccountFileError on a bad field."""
+        if not isinstance(record, dict):
+            raise AccountFileError("expected a JSON object")
+        names = {item.name for item in dataclasses.fields(cls)}
+        unknown = sorted(set(record) - names)
+        if unknown:
+            raise AccountFileError("unknown fields: " + ", ".join(unknown))
+        _check_field(record, "access_token", str, required=True)
+        _check_field(record, "refresh_token", str)
+        _check_field(record, "expires_at", int)
+        _check_field(record, "created_at", int)
+        _check_field(record, "updated_at", int)
+        for name in ("organization_uuid", "account_email", "account_uuid"):
+            _check_field(record, name, str)
+        if record.get("status", "valid") not in ("valid", "invalid"):
+            raise AccountFileError("status must be 'valid' or 'invalid'")
+        if not record["access_token"]:
+            raise AccountFileError("access_token is empty")
+        defaults = {"organization_uuid": None, "refresh_token": None, "expires_at": None}
+        return cls(**{**defaults, **record})
+
+
+def _check_field(record: Mapping[str, Any], name: str, kind: type, *, required: bool = False) -> None:
+    if name not in record or record[name] is None:
+        if required:
+            raise AccountFileError(f"missing field {name}")
+        return
+    value = record[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise AccountFileError(f"field {name} must be of type {kind.__name__}")
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Replace path atomically with data, mode 0600, in a folder of mode 0700.
+
+    The data goes to a temporary file in the same folder, is flushed and fsynced, and then
+    os.replace() swaps it in, so readers see the old file or the new one and never half of one.
+    """
+    folder = path.parent
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    descriptor, temporary_name = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary_name, 0o600)
+        os.replace(temporary_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary_name)
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: Path) -> None:
+    # Makes the rename itself durable; some file systems do not allow it, which is harmless.
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+class AccountStore:
+    """Reads and writes DATA_FOLDER/account.json and detects changes made by other processes."""
+
+    def __init__(self, data_folder: Path) -> None:
+        self.path = data_folder / "account.json"
+        self._signature: tuple[int, int, int] | None = None
+
+    def _stat_signature(self) -> tuple[int, int, int] | None:
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+    def changed_on_disk(self) -> bool:
+        return self._stat_signature() != self._signature
+
+    def load(self) -> Account | None:
+        """Read the account; None when there is no file. Raises AccountFileError when unreadable."""
+        self._signature = self._stat_signature()
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AccountFileError(f"cannot read {self.path}: {exc}") from exc
+        try:
+            record = json.loads(text)
+        except ValueError as exc:
+            raise AccountFileError(f"{self.path} is not valid JSON: {exc}") from exc
+        try:
+            return Account.from_record(record)
+        except AccountFileError as exc:
+            raise AccountFileError(f"{self.path} is not a valid account: {exc}") from exc
+
+    def save(self, account: Account) -> None:
+        data = json.dumps(dataclasses.asdict(account), indent=2).encode("utf-8") + b"\n"
+        write_private_file(self.path, data)
+        self._signature = self._stat_signature()
+
+    def set_aside_unreadable(self) -> Path | None:
+        """Rename an unreadable account file out of the way before an import replaces it."""
+        try:
+            self.load()
+            return None
+        except AccountFileError:
+            backup = self.path.with_name(f"account.json.unreadable-{int(time.time())}")
+            os.replace(self.path, backup)
+            return backup
+
+
+def load_or_create_api_key(settings: Settings) -> tuple[str, bool]:
+    """Return the proxy key and whether it was just generated.
+
+    A configured API_KEY wins; otherwise the key in DATA_FOLDER/api_key is used, and created on
+    the first start.
+    """
+    if settings.api_key:
+        return settings.api_key, False
+    path = settings.data_folder / "api_key"
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        key = ""
+    if key:
+        return key, False
+    key = "clove-" + secrets.token_urlsafe(32)
+    write_private_file(path, key.encode("ascii") + b"\n")
+    return key, True
+
+
+# --- Tokens ---
+
+
+class TokenManager:
+    """Hands out a valid access token, refreshing it through the OAuth token endpoint when due.
+
+    One anyio.Lock serialises refreshes, so any number of waiting requests cause exactly one call
+    to the token endpoint. The store is re-read when another process (an import) changed it.
+    """
+
+    def __init__(self, settings: Settings, store: AccountStore, client: httpx.AsyncClient) -> None:
+        self.settings = settings
+        self.store = store
+        self.client = client
+        self.account: Account | None = None
+        self.load_error: str | None = None
+        # Prevents two requests from redeeming the same refresh token: the server rotates it, so
+        # the second redemption would fail with invalid_grant and lose the account.
+        self._lock = anyio.Lock()
+        self._refresh_not_before = 0.0
+        self._unsaved = False
+        self._next_save_attempt = 0.0
+        self.reload()
+
+    def reload(self) -> None:
+        try:
+            self.account = self.store.load()
+            self.load_error = None
+        except AccountFileError as exc:
+            self.account = None
+            self.load_error = str(exc)
+            logger.error("Account file is unreadable and will not be overwritten: %s", exc)
+
+    def _sync_with_store(self) -> None:
+        if self._unsaved:
+            self._retry_save()
+        elif self.store.changed_on_disk():
+            logger.info("Account file changed on disk; reloading %s", self.store.path)
+            self.reload()
+            self._refresh_not_before = 0.0
+
+    def _usable_account(self) -> Account:
+        if self.load_error is not None:
+            raise CloveError(
+                f"clove cannot use its account file: {self.load_error}. Fix the file, or move it away and "
+                "import the account again with `python clove.py import-claude-code`.",
+                status_code=401,
+                error_type="authentication_error",
+            )
+        if self.account is None:
+            raise CloveError(
+                "clove has no Claude account yet. Add one on the clove host with "
+                "`python clove.py import-claude-code` or `python clove.py import-token`.",
+                status_code=401,
+                error_type="authentication_error",
+            )
+        if self.account.status != "valid":
+            raise CloveError(
+                "The Claude account's refresh token was rejected by the OAuth server. Log in again, for "
+                "example with `python clove.py import-claude-code` after `claude /login`.",
+                status_code=401,
+                error_type="authentication_error",
+            )
+        return self.account
+
+    async def get_access_token(self) -> str:
+        """Return a usable access token, refreshing it first when it is within the leeway of expiry."""
+        self._sync_with_store()
+        account = self._usable_account()
+        now = time.time()
+        if not self._refresh_due(account, now):
+            return account.access_token
+        async with self._lock:
+            account = self._usable_account()
+            if not self._refresh_due(account, time.time()):
+                return account.access_token
+            return await self._refresh(account)
+
+    def _refresh_due(self, account: Account, now: float) -> bool:
+        if not account.needs_refresh(now, self.settings.refresh_leeway_seconds):
+            return False
+        # After a transient failure, keep serving the current token while it has not expired.
+        return now >= self._refresh_not_before or account.has_expired(now)
+
+    async def force_refresh(self, rejected_token: str) -> str | None:
+        """Refresh after the upstream rejected rejected_token; returns the token to retry with.
+
+        Returns the current token without a refresh when another request already replaced the
+        rejected one, and None when the account has no refresh token.
+        """
+        async with self._lock:
+            account = self._usable_account()
+            if account.access_token != rejected_token:
+                return account.access_token
+            if not account.refreshable:
+                return None
+            return await self._refresh(account)
+
+    async def _refresh(self, account: Account) -> str:
+        assert account.refresh_token is not None
+        body = {
+            "grant_type": "refresh_token",
+            "refresh_token": account.refresh_token,
+            "client_id": self.settings.oauth_client_id,
+            "scope": self.settings.oauth_scopes,
+        }
+        try:
+            payload = await self._request_tokens(body)
+        except _RefreshRejected as exc:
+            self._mark_invalid(account, exc.reason)
+            raise CloveError(
+                "The Claude account's refresh token was rejected by the OAuth server "
+                f"({exc.reason}). Log in again, for example with `python clove.py import-claude-code`.",
+                status_code=401,
+                error_type="authentication_error",
+            ) from None
+        except _RefreshFailed as exc:
+            return self._fall_back_after_failure(account, exc)
+        self._apply_token_payload(account, payload)
+        return account.access_token
+
+    async def _request_tokens(self, body: dict[str, str]) -> dict[str, Any]:
+        url = self.settings.oauth_token_url
+        attempts = self.settings.max_retries
+        for attempt in range(1, attempts + 1):
+            failure, wait = await self._post_token_request(url, body)
+            if isinstance(failure, dict):
+                return failure
+            if attempt == attempts:
+                logger.error("Token refresh failed after %d attempts: %s", attempts, failure)
+                raise _RefreshFailed(failure)
+            delay = wait if wait is not None else self.settings.retry_delay * 2 ** (attempt - 1)
+            logger.warning("Token refresh attempt %d of %d failed (%s); retrying in %.1fs", attempt, attempts, failure, delay)
+            await anyio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _post_token_request(self, url: str, body: dict[str, str]) -> tuple[dict[str, Any] | str, float | None]:
+        """Send one token request; returns the JSON payload, or a failure text and a retry delay.
+
+        Raises _RefreshRejected when the OAuth server rejects the grant or the client.
+        """
+        try:
+            response = await self.client.post(url, json=body, timeout=TOKEN_REQUEST_TIMEOUT_SECONDS)
+        except httpx.TimeoutException:
+            return f"POST {url} timed out", None
+        except httpx.TransportError as exc:
+            return f"POST {url} failed: {type(exc).__name__}", None
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if response.status_code == 200 and isinstance(payload, dict) and isinstance(payload.get("access_token"), str):
+            return payload, None
+        if response.status_code in (400, 401) and isinstance(payload, dict):
+            error = payload.get("error")
+            if error in ("invalid_grant", "invalid_client"):
+                raise _RefreshRejected(f"{error} from {url}")
+        shown = "a response without access_token" if response.status_code == 200 else f"status {response.status_code}"
+        if payload is None:
+            shown += " with a non-JSON body"
+        wait = parse_retry_after(response.headers.get("retry-after"))
+        if wait is not None and wait > MAX_HONOURED_RETRY_AFTER_SECONDS:
+            wait = MAX_HONOURED_RETRY_AFTER_SECONDS
+        return f"POST {url} returned {shown}", wait
+
+    def _fall_back_after_failure(self, account: Account, exc: _RefreshFailed) -> str:
+        now = time.time()
+        self._refresh_not_before = now + REFRESH_BACKOFF_SECONDS
+        if not account.has_expired(now):
+            logger.warning("Serving the current access token, which has not expired yet")
+            return account.access_token
+        raise CloveError(
+            f"clove could not refresh the Claude access token: {exc.reason}. The stored tokens are kept; "
+            "try again shortly.",
+            status_code=503,
+            error_type="api_error",
+        )
+
+    def _mark_invalid(self, account: Account, reason: str) -> None:
+        logger.error("Refresh token rejected (%s); marking the account invalid", reason)
+        account.status = "invalid"
+        account.updated_at = int(time.time())
+        self._save(account)
+
+    def _apply_token_payload(self, account: Account, payload: Mapping[str, Any]) -> None:
+        now = int(time.time())
+        account.access_token = payload["access_token"]
+        refresh_token = payload.get("refresh_token")
+        if isinstance(refresh_token, str) and refresh_token:
+            account.refresh_token = refresh_token
+        expires_in = payload.get("expires_in")
+        if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) and expires_in > 0:
+            account.expires_at = now + int(expires_in)
+        else:
+            account.expires_at = now + 3600
+            logger.warning("Token response had no usable expires_in; assuming one hour")
+        organization = payload.get("organization")
+        if isinstance(organization, dict) and isinstance(organization.get("uuid"), str):
+            account.organization_uuid = organization["uuid"]
+        details = payload.get("account")
+        if isinstance(details, dict):
+            if isinstance(details.get("email_address"), str):
+                account.account_email = details["email_address"]
+            if isinstance(details.get("uuid"), str):
+                account.account_uuid = details["uuid"]
+        account.status = "valid"
+        account.updated_at = now
+        self._refresh_not_before = 0.0
+        logger.info(
+            "Refreshed the access token for organization %s; it expires at %s",
+            account.organization_uuid or "(unknown)",
+            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(account.expires_at)),
+        )
+        self._save(account)
+
+    def _save(self, account: Account) -> None:
+        try:
+            self.store.save(account)
+            self._unsaved = False
+        except OSError as exc:
+            # The rotated tokens stay in memory, so requests keep working; the save is retried.
+            self._unsaved = True
+            self._next_save_attempt = time.monotonic() + SAVE_RETRY_INTERVAL_SECONDS
+            logger.error("Saving %s failed (%s); keeping the tokens in memory and retrying", self.store.path, exc)
+
+    def _retry_save(self) -> None:
+        if self.account is None or time.monotonic() < self._next_save_attempt:
+            return
+        self._save(self.account)
+        if not self._unsaved:
+            logger.info("Saved %s after an earlier failure", self.store.path)
+
+    def describe(self) -> dict[str, Any]:
+        """Non-secret account details for /health."""
+        self._sync_with_store()
+        account = self.account
+        if self.load_error is not None:
+            return {"account_valid": False, "account_status": "unreadable"}
+        if account is None:
+            return {"account_valid": False, "account_status": "missing"}
+        now = time.time()
+        expires_in = None if account.expires_at is None else int(account.expires_at - now)
+        valid = account.status == "valid" and (account.refreshable or not account.has_expired(now))
+        return {
+            "account_valid": valid,
+            "account_status": account.status,
+            "organization_uuid": account.organization_uuid,
+            "expires_in_seconds": expires_in,
+            "refreshable": account.refreshable,
+        }
+
+
+class _RefreshRejected(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class _RefreshFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a retry-after header (delta seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            moment = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = moment.timestamp() - time.time()
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+# --- Upstream ---
+
+
+def merge_beta_header(client_value: str | None) -> str:
+    """The client's anthropic-beta list plus the OAuth beta, without duplicates and in order."""
+    betas: list[str] = []
+    for item in (client_value or "").split(","):
+        item = item.strip()
+        if item and item not in betas:
+            betas.append(item)
+    if OAUTH_BETA not in betas:
+        betas.append(OAUTH_BETA)
+    return ",".join(betas)
+
+
+def build_upstream_headers(client_headers: list[tuple[bytes, bytes]], access_token: str) -> list[tuple[bytes, bytes]]:
+    """Headers for the upstream request: the client's end-to-end headers plus the OAuth ones."""
+    connection_tokens: set[str] = set()
+    version: bytes | None = None
+    betas: list[str] = []
+    forwarded: list[tuple[bytes, bytes]] = []
+    for raw_name, raw_value in client_headers:
+        name = raw_name.decode("latin-1").lower()
+        if name == "connection":
+            connection_tokens.update(token.strip().lower() for token in raw_value.decode("latin-1").split(","))
+        elif name == "anthropic-version":
+            version = raw_value
+        elif name == "anthropic-beta":
+            betas.append(raw_value.decode("latin-1"))
+        elif name not in CLIENT_HEADERS_NOT_FORWARDED:
+            forwarded.append((name.encode("latin-1"), raw_value))
+    forwarded = [(name, value) for name, value in forwarded if name.decode("latin-1") not in connection_tokens]
+    forwarded.append((b"authorization", b"Bearer " + access_token.encode("ascii")))
+    forwarded.append((b"anthropic-version", version or ANTHROPIC_VERSION.encode("ascii")))
+    forwarded.append((b"anthropic-beta", merge_beta_header(",".join(betas)).encode("latin-1")))
+    forwarded.append((b"accept-encoding", b"identity"))
+    return forwarded
+
+
+def response_headers_for_client(upstream: httpx.Response) -> list[tuple[bytes, bytes]]:
+    connection_tokens = {
+        token.strip().lower() for token in upstream.headers.get("connection", "").split(",") if token.strip()
+    }
+    headers = []
+    for raw_name, raw_value in upstream.headers.raw:
+        name = raw_name.decode("latin-1").lower()
+        if name in UPSTREAM_HEADERS_NOT_RETURNED or name in connection_tokens:
+            continue
+        headers.append((name.encode("latin-1"), raw_value))
+    return headers
+
+
+@dataclass
+class ProxyCall:
+    """One request to forward: what the client sent, already read and checked."""
+
+    method: str
+    path: str
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    stream: bool
+
+
+class Upstream:
+    """Sends requests to the Anthropic API with retries before the first byte reaches the client."""
+
+    def __init__(self, settings: Settings, tokens: TokenManager, client: httpx.AsyncClient) -> None:
+        self.settings = settings
+        self.tokens = tokens
+        self.client = client
+
+    async def open(self, call: ProxyCall) -> tuple[httpx.Response, int]:
+        """Send call and return the upstream response with its headers read, and the attempt count.
+
+        Retries connection errors, timeouts and the status codes in RETRYABLE_STATUS_CODES up to
+        MAX_RETRIES attempts. A 401 for the token just used causes one forced refresh and one
+        replay. Raises CloveError when every attempt failed without a response to pass on.
+        """
+        url = self.settings.claude_api_baseurl + call.path
+        if call.query:
+            url += "?" + call.query.decode("latin-1")
+        attempts = self.settings.max_retries
+        replayed_after_401 = False
+        attempt = 0
+        token = await self.tokens.get_access_token()
+        while True:
+            attempt += 1
+            request = self.client.build_request(
+                call.method, url, headers=build_upstream_headers(call.headers, token), content=call.body or None
+            )
+            try:
+                response = await self.client.send(request, stream=True)
+                if not call.stream:
+                    await response.aread()
+            except httpx.TransportError as exc:
+                reason = describe_transport_error(exc)
+                if attempt >= attempts:
+                    logger.error("Upstream %s %s failed after %d attempts: %s", call.method, call.path, attempt, reason)
+                    raise _transport_failure(reason) from None
+                await self._wait_before_retry(attempt, reason, None)
+                continue
+
+            if response.status_code == 401 and not replayed_after_401:
+                new_token = await self._replacement_token(response, token)
+                if new_token is not None:
+                    replayed_after_401 = True
+                    token = new_token
+                    attempt -= 1
+                    continue
+            if response.status_code in RETRYABLE_STATUS_CODES and attempt < attempts:
+                wait = parse_retry_after(response.headers.get("retry-after"))
+                if wait is None or wait <= MAX_HONOURED_RETRY_AFTER_SECONDS:
+                    await response.aclose()
+                    await self._wait_before_retry(attempt, f"status {response.status_code}", wait)
+                    token = await self.tokens.get_access_token()
+                    continue
+            return response, attempt + (1 if replayed_after_401 else 0)
+
+    async def _replacement_token(self, response: httpx.Response, token: str) -> str | None:
+        await response.aread()
+        new_token = await self.tokens.force_refresh(token)
+        if new_token is None:
+            return None
+        await response.aclose()
+        logger.warning("Upstream rejected the access token; replaying once with a refreshed token")
+        return new_token
+
+    async def _wait_before_retry(self, attempt: int, reason: str, retry_after: float | None) -> None:
+        delay = retry_after if retry_after is not None else self.settings.retry_delay * 2 ** (attempt - 1)
+        logger.warning(
+            "Upstream attempt %d of %d failed (%s); retrying in %.1fs", attempt, self.settings.max_retries, reason, delay
+        )
+        await anyio.sleep(delay)
+
+
+def describe_transport_error(exc: httpx.TransportError) -> str:
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "connecting timed out"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out waiting for the upstream"
+    if isinstance(exc, httpx.ConnectError):
+        return "connection failed"
+    return f"connection error ({type(exc).__name__})"
+
+
+def _transport_failure(reason: str) -> CloveError:
+    status = 504 if "timed out" in reason else 502
+    return CloveError(f"The Anthropic API could not be reached: {reason}.", status_code=status, error_type="api_error")
+
+
+def sse_error_event(error_type: str, message: str) -> bytes:
+    data = json.dumps(error_body(error_type, message), separators=(",", ":"))
+    return b"event: error\ndata: " + data.encode("utf-8") + b"\n\n"
+
+
+class StreamedUpstreamResponse:
+    """An ASGI response that relays an upstream response's bytes as they arrive.
+
+    The upstream is closed as soon as the body ends, the upstream fails or the client
+    disconnects. Status and headers have gone out before the first chunk, so a failure after that
+    can only be reported in-band, as an SSE error event, and ends the stream.
+    """
+
+    def __init__(self, upstream: httpx.Response, on_close: Callable[[str], None]) -> None:
+        self.upstream = upstream
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        outcome = "client disconnected"
+        try:
+            async with anyio.create_task_group() as task_group:
+
+                async def relay() -> None:
+                    nonlocal outcome
+                    outcome = await self._relay(send)
+                    task_group.cancel_scope.cancel()
+
+                task_group.start_soon(relay)
+                await _wait_for_disconnect(receive)
+                task_group.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.upstream.aclose()
+            self.on_close(outcome)
+
+    async def _relay(self, send: Send) -> str:
+        headers = response_headers_for_client(self.upstream)
+        await send({"type": "http.response.start", "status": self.upstream.status_code, "headers": headers})
+        outcome = "complete"
+        try:
+            async for chunk in self.upstream.aiter_bytes():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.TransportError as exc:
+            reason = describe_transport_error(exc)
+            outcome = "upstream failed mid-stream: " + reason
+            logger.error("Upstream stream broke after the response started: %s", reason)
+            if self.upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                message = f"The upstream stream broke: {reason}. The response is incomplete."
+                await send({"type": "http.response.body", "body": sse_error_event("api_error", message), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return outcome
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# --- Routes ---
+
+
+class RequestTooLarge(CloveError):
+    status_code = 413
+    error_type = "request_too_large"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the request body, raising RequestTooLarge as soon as it passes limit bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"Request body is {declared} bytes; the maximum is {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"Request body is larger than the maximum of {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def validate_messages_body(body: bytes) -> bool:
+    """Check the fields clove relies on and return whether the request asks for a stream.
+
+    Everything else is left for the Anthropic API to judge.
+    """
+    try:
+        document = json.loads(body)
+    except ValueError:
+        raise CloveError("Request body must be a JSON object.", status_code=400, error_type="invalid_request_error") from None
+    if not isinstance(document, dict):
+        raise CloveError("Request body must be a JSON object.", status_code=400, error_type="invalid_request_error")
+    model = document.get("model")
+    if not isinstance(model, str) or not model:
+        raise _invalid_field("model", "a non-empty string", model, "model" in document)
+    messages = document.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid_field("messages", "a non-empty list", messages, "messages" in document)
+    max_tokens = document.get("max_tokens")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+        raise _invalid_field("max_tokens", "an integer", max_tokens, "max_tokens" in document)
+    return document.get("stream") is True
+
+
+def _invalid_field(name: str, expected: str, value: object, present: bool) -> CloveError:
+    if not present:
+        message = f"{name}: Field required (expected {expected})."
+    else:
+        message = f"{name}: expected {expected}, got {type(value).__name__ if value is not None else 'null'}."
+    return CloveError(message, status_code=400, error_type="invalid_request_error")
+
+
+class Proxy:
+    """The route handlers, with the state they share."""
+
+    def __init__(self, settings: Settings, api_key: str, tokens: TokenManager, upstream: Upstream) -> None:
+        self.settings = settings
+        self.api_key = api_key.encode("utf-8")
+        self.tokens = tokens
+        self.upstream = upstream
+
+    def check_api_key(self, request: Request) -> None:
+        """Raise a 401 CloveError unless the request carries the proxy key."""
+        supplied = request.headers.get("x-api-key")
+        if supplied is None:
+            authorization = request.headers.get("authorization", "")
+            scheme, _, credentials = authorization.partition(" ")
+            if scheme.lower() == "bearer":
+                supplied = credentials.strip()
+        # Header values are latin-1 text, so any value encodes back to its original bytes.
+        if supplied is None or not secrets.compare_digest(supplied.encode("latin-1"), self.api_key):
+            raise CloveError(
+                "Missing or invalid clove API key. Send it as x-api-key or Authorization: Bearer.",
+                status_code=401,
+                error_type="authentication_error",
+            )
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", **self.tokens.describe()})
+
+    async def messages(self, request: Request) -> Response:
+        return await self._forward(request, validate=True)
+
+    async def count_tokens(self, request: Request) -> Response:
+        return await self._forward(request, validate=False)
+
+    async def models(self, request: Request) -> Response:
+        return await self._forward(request, validate=False)
+
+    async def _forward(self, request: Request, *, validate: bool) -> Response:
+        started = time.perf_counter()
+        self.check_api_key(request)
+
+        body = b""
+        if request.method == "POST":
+            body = await read_body(request, self.settings.max_body_bytes)
+        stream = validate_messages_body(body) if validate else False
+
+        call = ProxyCall(
+            method=request.method,
+            path=request.url.path,
+            query=request.scope.get("query_string", b""),
+            headers=request.scope["headers"],
+            body=body,
+            stream=stream,
+        )
+        upstream_response, attempts = await self.upstream.open(call)
+
+        def log_completion(outcome: str) -> None:
+            logger.info(
+                "%s %s -> %d, %d attempt%s, %.0f ms, request-id %s%s",
+                call.method,
+                call.path,
+                upstream_response.status_code,
+                attempts,
+                "" if attempts == 1 else "s",
+                (time.perf_counter() - started) * 1000,
+                upstream_response.headers.get("request-id", "-"),
+                "" if outcome == "complete" else ", " + outcome,
+            )
+
+        if stream:
+            return StreamedUpstreamResponse(upstream_response, log_completion)  # type: ignore[return-value]
+        log_completion("complete")
+        return Response(
+            upstream_response.content,
+            status_code=upstream_response.status_code,
+            headers=dict(_decode_headers(response_headers_for_client(upstream_response))),
+        )
+
+
+def _decode_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
+
+
+async def handle_clove_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, CloveError)
+    if exc.status_code >= 500:
+        logger.error("%s %s failed: %s", request.method, request.url.path, exc.message)
+    return error_response(exc.status_code, exc.error_type, exc.message)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return error_response(404, "not_found_error", f"No route for {request.method} {request.url.path}.")
+    if exc.status_code == 405:
+        return error_response(
+            405, "invalid_request_error", f"Method {request.method} is not allowed for {request.url.path}.", exc.headers
+        )
+    return error_response(exc.status_code, "invalid_request_error", str(exc.detail), exc.headers)
+
+
+async def handle_client_disconnect(request: Request, exc: Exception) -> Response:
+    # The client went away while sending its body; nobody is left to read a response.
+    return Response(status_code=400)
+
+
+# --- Application ---
+
+
+def create_app(settings: Settings | None = None, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+    """Build the clove ASGI app; transport replaces the network in tests."""
+    if settings is None:
+        settings = _settings_for_factory()
+    api_key, generated = load_or_create_api_key(settings)
+    if generated:
+        path = settings.data_folder / "api_key"
+        print(f"clove generated an API key and saved it to {path}:\n\n    {api_key}\n", flush=True)
+        print("Clients send it as x-api-key (ANTHROPIC_API_KEY) or Authorization: Bearer.\n", flush=True)
+
+    timeout = httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout, write=60.0, pool=60.0)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=100)
+    client = httpx.AsyncClient(transport=transport, timeout=timeout, limits=limits, follow_redirects=False)
+    # httpx adds its own User-Agent, Accept and Connection headers; clove sends only the client's.
+    client.headers.clear()
+
+    store = AccountStore(settings.data_folder)
+    tokens = TokenManager(settings, store, client)
+    proxy = Proxy(settings, api_key, tokens, Upstream(settings, tokens, client))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        details = tokens.describe()
+        logger.info(
+            "clove started: data folder %s, account %s, upstream %s",
+            settings.data_folder,
+            details["account_status"],
+            settings.claude_api_baseurl,
+        )
+        try:
+            yield
+        finally:
+            await client.aclose()
+            logger.info("clove stopped")
+
+    routes = [
+        Route("/health", proxy.health, methods=["GET"]),
+        Route("/v1/messages", proxy.messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", proxy.count_tokens, methods=["POST"]),
+        Route("/v1/models", proxy.models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", proxy.models, methods=["GET"]),
+    ]
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
+        )
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={
+            CloveError: handle_clove_error,
+            HTTPException: handle_http_exception,
+            ClientDisconnect: handle_client_disconnect,
+        },
+    )
+    app.state.tokens = tokens
+    app.state.settings = settings
+    return app
+
+
+def _settings_for_factory() -> Settings:
+    # `uvicorn clove:create_app --factory` calls create_app() without settings or logging set up.
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"clove: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    if not logger.handlers:
+        configure_logging(settings.log_level)
+    return settings
+
+
+# --- Command line ---
+
+
+def import_claude_code(settings: Settings, path: Path) -> Account:
+    """Store the account from Claude Code's credentials file; expiresAt there is in milliseconds."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AccountFileError(f"{path} not found; log in with Claude Code first (`claude /login`)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise AccountFileError(f"cannot read {path}: {exc}") from None
+    oauth = document.get("claudeAiOauth") if isinstance(document, dict) else None
+    if not isinstance(oauth, dict):
+        raise AccountFileError(f"{path} has no claudeAiOauth object")
+    access_token = oauth.get("accessToken")
+    refresh_token = oauth.get("refreshToken")
+    expires_at_ms = oauth.get("expiresAt")
+    if not isinstance(access_token, str) or not access_token:
+        raise AccountFileError(f"{path}: claudeAiOauth.accessToken is missing")
+    if refresh_token is not None and not isinstance(refresh_token, str):
+        raise AccountFileError(f"{path}: claudeAiOauth.refreshToken must be a string")
+    if expires_at_ms is not None and (not isinstance(expires_at_ms, (int, float)) or isinstance(expires_at_ms, bool)):
+        raise AccountFileError(f"{path}: claudeAiOauth.expiresAt must be a number of milliseconds")
+    now = int(time.time())
+    account = Account(
+        organization_uuid=None,
+        access_token=access_token,
+        refresh_token=refresh_token or None,
+        expires_at=None if expires_at_ms is None else int(expires_at_ms // 1000),
+        status="valid",
+        created_at=now,
+        updated_at=now,
+    )
+    _save_imported(settings, account)
+    return account
+
+
+def import_token(settings: Settings, token: str) -> Account:
+    """Store a long-lived access token (from `claude setup-token`) that clove never refreshes."""
+    token = token.strip()
+    if not token or not token.isascii() or not token.isprintable() or " " in token:
+        raise AccountFileError("the token must be one line of printable ASCII without spaces")
+    now = int(time.time())
+    account = Account(
+        organization_uuid=None,
+        access_token=token,
+        refresh_token=None,
+        expires_at=None,
+        status="valid",
+        created_at=now,
+        updated_at=now,
+    )
+    _save_imported(settings, account)
+    return account
+
+
+def _save_imported(settings: Settings, account: Account) -> None:
+    store = AccountStore(settings.data_folder)
+    backup = store.set_aside_unreadable()
+    if backup is not None:
+        print(f"Moved the unreadable account file to {backup}", file=sys.stderr)
+    store.save(account)
+
+
+USAGE = """usage: python clove.py [serve]
+       python clove.py import-claude-code [PATH]   (default PATH: ~/.claude/.credentials.json)
+       python clove.py import-token [TOKEN|-]      (reads the token from standard input when - or omitted)"""
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    command = arguments[0] if arguments else "serve"
+    if command in ("-h", "--help", "help"):
+        print(USAGE)
+        return EXIT_OK
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"clove: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(settings.log_level)
+
+    if command == "serve" and len(arguments) <= 1:
+        app = create_app(settings)
+        logger.info("clove listening on http://%s:%d", settings.host, settings.port)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+        return EXIT_OK
+    try:
+        if command == "import-claude-code" and len(arguments) <= 2:
+            path = Path(arguments[1] if len(arguments) == 2 else "~/.claude/.credentials.json").expanduser()
+            account = import_claude_code(settings, path)
+            print(f"Imported the Claude Code account into {settings.data_folder / 'account.json'}; {_describe_expiry(account)}")
+            return EXIT_OK
+        if command == "import-token" and len(arguments) <= 2:
+            token = arguments[1] if len(arguments) == 2 and arguments[1] != "-" else sys.stdin.readline()
+            import_token(settings, token)
+            print(f"Imported the token into {settings.data_folder / 'account.json'}; {LONG_LIVED_TOKEN_NOTE}")
+            return EXIT_OK
+    except (AccountFileError, OSError) as exc:
+        print(f"clove: import failed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(USAGE, file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _describe_expiry(account: Account) -> str:
+    if account.expires_at is None:
+        return LONG_LIVED_TOKEN_NOTE
+    moment = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(account.expires_at))
+    refresh = "clove refreshes it before then" if account.refreshable else "it has no refresh token"
+    return f"the access token expires at {moment}, and {refresh}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
