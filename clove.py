@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import email.utils
+import fcntl
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ import secrets
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,6 +293,20 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "CORS_ORIGINS", ("cors_origins",), _parse_list, "", "Browser origins allowed by CORS, comma-separated; empty: off."
     ),
+    SettingSpec(
+        "WORKERS",
+        ("workers",),
+        _make_int_parser(1, 64),
+        "1",
+        "Worker processes for `python clove.py`; they share the account through a file lock.",
+    ),
+    SettingSpec(
+        "SHUTDOWN_GRACE_SECONDS",
+        ("shutdown_grace_seconds",),
+        _make_float_parser(0, 3600),
+        "30",
+        "On SIGTERM, seconds that open requests and streams get to finish.",
+    ),
     SettingSpec("LOG_LEVEL", ("log_level",), _parse_log_level, "INFO", "One of DEBUG, INFO, WARNING, ERROR, CRITICAL."),
 )
 
@@ -315,6 +330,8 @@ class Settings:
     connect_timeout: float = 10.0
     read_timeout: float = 600.0
     cors_origins: list[str] = field(default_factory=list)
+    workers: int = 1
+    shutdown_grace_seconds: float = 30.0
     log_level: str = "INFO"
 
 
@@ -537,6 +554,75 @@ class AccountStore:
             return backup
 
 
+LOCK_FILE_NAME = "account.lock"
+# A worker that cannot take the data folder lock within this time gives up on the request.
+LOCK_TIMEOUT_SECONDS = 60.0
+LOCK_POLL_SECONDS = 0.01
+
+
+def _open_lock_file(folder: Path) -> int | None:
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / LOCK_FILE_NAME
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+    except OSError:
+        try:
+            # A read-only data folder still allows locking a lock file that already exists.
+            return os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            logger.warning("Cannot open %s (%s); continuing without the cross-process lock", path, exc)
+            return None
+
+
+@contextlib.contextmanager
+def data_folder_lock(folder: Path) -> Iterator[None]:
+    """Hold the data folder's exclusive flock, blocking until it is free (for commands)."""
+    descriptor = _open_lock_file(folder)
+    try:
+        if descriptor is not None:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
+
+
+@contextlib.asynccontextmanager
+async def data_folder_lock_async(folder: Path) -> AsyncIterator[None]:
+    """Hold the data folder's exclusive flock without blocking the event loop.
+
+    The lock is polled with LOCK_NB, because a thread blocked in flock() cannot be cancelled and
+    would take the lock after its caller had gone. Closing the descriptor releases the lock, also
+    when the process dies. Raises CloveError after LOCK_TIMEOUT_SECONDS.
+    """
+    descriptor = _open_lock_file(folder)
+    try:
+        if descriptor is not None:
+            await _poll_flock(descriptor, folder)
+        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
+
+
+async def _poll_flock(descriptor: int, folder: Path) -> None:
+    deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                logger.error("Timed out waiting for the lock on %s", folder / LOCK_FILE_NAME)
+                raise CloveError(
+                    f"Timed out waiting for another clove process to finish refreshing the token "
+                    f"(lock {folder / LOCK_FILE_NAME}).",
+                    status_code=503,
+                    error_type="api_error",
+                ) from None
+            await anyio.sleep(LOCK_POLL_SECONDS)
+
+
 def load_or_create_api_key(settings: Settings) -> tuple[str, bool]:
     """Return the proxy key and whether it was just generated.
 
@@ -546,15 +632,17 @@ def load_or_create_api_key(settings: Settings) -> tuple[str, bool]:
     if settings.api_key:
         return settings.api_key, False
     path = settings.data_folder / "api_key"
-    try:
-        key = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        key = ""
-    if key:
-        return key, False
-    key = "clove-" + secrets.token_urlsafe(32)
-    write_private_file(path, key.encode("ascii") + b"\n")
-    return key, True
+    # Several workers may start at once; the lock makes sure only one of them creates the key.
+    with data_folder_lock(settings.data_folder):
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            key = ""
+        if key:
+            return key, False
+        key = "clove-" + secrets.token_urlsafe(32)
+        write_private_file(path, key.encode("ascii") + b"\n")
+        return key, True
 
 
 # --- Tokens ---
@@ -577,6 +665,9 @@ class TokenManager:
         # the second redemption would fail with invalid_grant and lose the account.
         self._lock = anyio.Lock()
         self._refresh_not_before = 0.0
+        # When the last refresh failed (monotonic seconds), and the error it gave.
+        self._failed_at = -math.inf
+        self._failure: CloveError | None = None
         self._unsaved = False
         self._next_save_attempt = 0.0
         self.reload()
@@ -626,14 +717,30 @@ class TokenManager:
         """Return a usable access token, refreshing it first when it is within the leeway of expiry."""
         self._sync_with_store()
         account = self._usable_account()
-        now = time.time()
-        if not self._refresh_due(account, now):
+        if not self._refresh_due(account, time.time()):
             return account.access_token
-        async with self._lock:
+        arrived_at = time.monotonic()
+        async with self._refresh_guard():
             account = self._usable_account()
             if not self._refresh_due(account, time.time()):
                 return account.access_token
+            # A burst that waited behind a failed refresh shares its error instead of each
+            # request trying the token endpoint again.
+            if self._failure is not None and self._failed_at >= arrived_at:
+                raise self._failure
             return await self._refresh(account)
+
+    @contextlib.asynccontextmanager
+    async def _refresh_guard(self) -> AsyncIterator[None]:
+        """Hold the in-process lock and the data folder's flock, then adopt what another process saved.
+
+        With several worker processes, the flock makes one of them refresh while the others wait
+        and then read the tokens it saved.
+        """
+        async with self._lock:
+            async with data_folder_lock_async(self.settings.data_folder):
+                self._sync_with_store()
+                yield
 
     def _refresh_due(self, account: Account, now: float) -> bool:
         if not account.needs_refresh(now, self.settings.refresh_leeway_seconds):
@@ -644,10 +751,10 @@ class TokenManager:
     async def force_refresh(self, rejected_token: str) -> str | None:
         """Refresh after the upstream rejected rejected_token; returns the token to retry with.
 
-        Returns the current token without a refresh when another request already replaced the
-        rejected one, and None when the account has no refresh token.
+        Returns the current token without a refresh when another request or process already
+        replaced the rejected one, and None when the account has no refresh token.
         """
-        async with self._lock:
+        async with self._refresh_guard():
             account = self._usable_account()
             if account.access_token != rejected_token:
                 return account.access_token
@@ -655,7 +762,7 @@ class TokenManager:
                 return None
             return await self._refresh(account)
 
-    async def _refresh(self, account: Account) -> str:
+    async def _refresh(self, account: Account, *, retry_with_stored: bool = True) -> str:
         assert account.refresh_token is not None
         body = {
             "grant_type": "refresh_token",
@@ -666,6 +773,13 @@ class TokenManager:
         try:
             payload = await self._request_tokens(body)
         except _RefreshRejected as exc:
+            stored = self._newer_stored_account(account) if retry_with_stored else None
+            if stored is not None:
+                logger.warning("Refresh token rejected, but %s holds a newer one; using it", self.store.path)
+                self.account = stored
+                if not stored.needs_refresh(time.time(), self.settings.refresh_leeway_seconds):
+                    return stored.access_token
+                return await self._refresh(stored, retry_with_stored=False)
             self._mark_invalid(account, exc.reason)
             raise CloveError(
                 "The Claude account's refresh token was rejected by the OAuth server "
@@ -677,6 +791,16 @@ class TokenManager:
             return self._fall_back_after_failure(account, exc)
         self._apply_token_payload(account, payload)
         return account.access_token
+
+    def _newer_stored_account(self, account: Account) -> Account | None:
+        """The stored account when it holds a different, valid refresh token than account."""
+        try:
+            stored = self.store.load()
+        except AccountFileError:
+            return None
+        if stored is None or stored.status != "valid" or stored.refresh_token in (None, account.refresh_token):
+            return None
+        return stored
 
     async def _request_tokens(self, body: dict[str, str]) -> dict[str, Any]:
         url = self.settings.oauth_token_url
@@ -728,12 +852,14 @@ class TokenManager:
         if not account.has_expired(now):
             logger.warning("Serving the current access token, which has not expired yet")
             return account.access_token
-        raise CloveError(
+        self._failed_at = time.monotonic()
+        self._failure = CloveError(
             f"clove could not refresh the Claude access token: {exc.reason}. The stored tokens are kept; "
             "try again shortly.",
             status_code=503,
             error_type="api_error",
         )
+        raise self._failure
 
     def _mark_invalid(self, account: Account, reason: str) -> None:
         logger.error("Refresh token rejected (%s); marking the account invalid", reason)
@@ -1216,10 +1342,7 @@ def create_app(settings: Settings | None = None, transport: httpx.AsyncBaseTrans
     if settings is None:
         settings = _settings_for_factory()
     api_key, generated = load_or_create_api_key(settings)
-    if generated:
-        path = settings.data_folder / "api_key"
-        print(f"clove generated an API key and saved it to {path}:\n\n    {api_key}\n", flush=True)
-        print("Clients send it as x-api-key (ANTHROPIC_API_KEY) or Authorization: Bearer.\n", flush=True)
+    _print_generated_key(settings, api_key, generated)
 
     timeout = httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout, write=60.0, pool=60.0)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=100)
@@ -1271,6 +1394,14 @@ def create_app(settings: Settings | None = None, transport: httpx.AsyncBaseTrans
     app.state.tokens = tokens
     app.state.settings = settings
     return app
+
+
+def _print_generated_key(settings: Settings, api_key: str, generated: bool) -> None:
+    # Printed to the terminal, never logged, and only when the key is new.
+    if generated:
+        path = settings.data_folder / "api_key"
+        print(f"clove generated an API key and saved it to {path}:\n\n    {api_key}\n", flush=True)
+        print("Clients send it as x-api-key (ANTHROPIC_API_KEY) or Authorization: Bearer.\n", flush=True)
 
 
 def _settings_for_factory() -> Settings:
@@ -1343,10 +1474,12 @@ def import_token(settings: Settings, token: str) -> Account:
 
 def _save_imported(settings: Settings, account: Account) -> None:
     store = AccountStore(settings.data_folder)
-    backup = store.set_aside_unreadable()
-    if backup is not None:
-        print(f"Moved the unreadable account file to {backup}", file=sys.stderr)
-    store.save(account)
+    # Waits for a refresh in a running clove, which would otherwise save over the new account.
+    with data_folder_lock(settings.data_folder):
+        backup = store.set_aside_unreadable()
+        if backup is not None:
+            print(f"Moved the unreadable account file to {backup}", file=sys.stderr)
+        store.save(account)
 
 
 USAGE = """usage: python clove.py [serve]
@@ -1376,9 +1509,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
 
     if command == "serve" and len(arguments) <= 1:
-        app = create_app(settings)
-        logger.info("clove listening on http://%s:%d", settings.host, settings.port)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+        serve(settings)
         return EXIT_OK
     try:
         if command == "import-claude-code" and len(arguments) <= 2:
@@ -1396,6 +1527,24 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     print(USAGE, file=sys.stderr)
     return EXIT_USAGE
+
+
+def serve(settings: Settings) -> None:
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level.lower(),
+        "timeout_graceful_shutdown": settings.shutdown_grace_seconds,
+    }
+    logger.info("clove listening on http://%s:%d with %d worker(s)", settings.host, settings.port, settings.workers)
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    # Workers import clove by name and build their own app from the same settings; the key is
+    # created here first so that it is printed once.
+    _print_generated_key(settings, *load_or_create_api_key(settings))
+    app_folder = str(Path(__file__).resolve().parent)
+    uvicorn.run("clove:create_app", factory=True, workers=settings.workers, app_dir=app_folder, **options)
 
 
 def _describe_expiry(account: Account) -> str:

@@ -1079,6 +1079,29 @@ async def test_refresh_transient_failure_still_valid(
     assert len(fake.requests_to("/v1/oauth/token")) == 3
 
 
+@pytest.mark.anyio
+async def test_burst_shares_failed_refresh(settings: clove.Settings, fake: FakeAnthropic) -> None:
+    expired_store(settings)
+    fake.token_delay = 0.05
+    for _ in range(3):
+        fake.queue("/v1/oauth/token", reply(502, text="<html>Bad gateway</html>"))
+    tokens = make_tokens(settings, fake)
+    statuses: list[int] = []
+
+    async def request_token() -> None:
+        try:
+            await tokens.get_access_token()
+        except clove.CloveError as exc:
+            statuses.append(exc.status_code)
+
+    async with anyio.create_task_group() as task_group:
+        for _ in range(12):
+            task_group.start_soon(request_token)
+
+    assert statuses == [503] * 12
+    assert len(fake.requests_to("/v1/oauth/token")) == 3
+
+
 def test_refresh_failure_gives_503_to_client(settings: clove.Settings, fake: FakeAnthropic) -> None:
     expired_store(settings)
     for _ in range(3):
