@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import secrets
+import signal
 import sys
 import tempfile
 import time
@@ -57,10 +58,11 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-TOKEN_REQUEST_TIMEOUT_SECONDS = 30.0
 # After a transient refresh failure, a token that is still usable is served for this long before
 # the token endpoint is tried again, so requests are not held up by a refresh that keeps failing.
 REFRESH_BACKOFF_SECONDS = 30.0
+# After a refresh of an expired token failed, requests get the same error for this long.
+FAILED_REFRESH_HOLD_SECONDS = 5.0
 # An upstream retry-after longer than this is not waited for; the response goes to the client.
 MAX_HONOURED_RETRY_AFTER_SECONDS = 20.0
 SAVE_RETRY_INTERVAL_SECONDS = 5.0
@@ -291,6 +293,13 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "Seconds to wait between two bytes from the upstream (a whole non-streaming reply).",
     ),
     SettingSpec(
+        "TOKEN_TIMEOUT",
+        ("token_timeout",),
+        _make_float_parser(1, 300),
+        "30",
+        "Seconds allowed for one request to the OAuth token endpoint.",
+    ),
+    SettingSpec(
         "CORS_ORIGINS", ("cors_origins",), _parse_list, "", "Browser origins allowed by CORS, comma-separated; empty: off."
     ),
     SettingSpec(
@@ -329,6 +338,7 @@ class Settings:
     max_body_bytes: int = 32 * 1024 * 1024
     connect_timeout: float = 10.0
     read_timeout: float = 600.0
+    token_timeout: float = 30.0
     cors_origins: list[str] = field(default_factory=list)
     workers: int = 1
     shutdown_grace_seconds: float = 30.0
@@ -543,6 +553,13 @@ class AccountStore:
         write_private_file(self.path, data)
         self._signature = self._stat_signature()
 
+    def remove_temporary_files(self) -> None:
+        """Delete temporary files left by a process killed during a save; call with the lock held."""
+        for leftover in self.path.parent.glob("." + self.path.name + ".*.tmp"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+                logger.info("Removed %s, left by an interrupted save", leftover)
+
     def set_aside_unreadable(self) -> Path | None:
         """Rename an unreadable account file out of the way before an import replaces it."""
         try:
@@ -670,6 +687,8 @@ class TokenManager:
         self._failure: CloveError | None = None
         self._unsaved = False
         self._next_save_attempt = 0.0
+        with data_folder_lock(settings.data_folder):
+            store.remove_temporary_files()
         self.reload()
 
     def reload(self) -> None:
@@ -719,14 +738,13 @@ class TokenManager:
         account = self._usable_account()
         if not self._refresh_due(account, time.time()):
             return account.access_token
-        arrived_at = time.monotonic()
         async with self._refresh_guard():
             account = self._usable_account()
             if not self._refresh_due(account, time.time()):
                 return account.access_token
-            # A burst that waited behind a failed refresh shares its error instead of each
-            # request trying the token endpoint again.
-            if self._failure is not None and self._failed_at >= arrived_at:
+            # Requests that arrive soon after a failed refresh, such as the rest of a burst,
+            # share its error instead of each trying the token endpoint again.
+            if self._failure is not None and time.monotonic() - self._failed_at < FAILED_REFRESH_HOLD_SECONDS:
                 raise self._failure
             return await self._refresh(account)
 
@@ -823,7 +841,7 @@ class TokenManager:
         Raises _RefreshRejected when the OAuth server rejects the grant or the client.
         """
         try:
-            response = await self.client.post(url, json=body, timeout=TOKEN_REQUEST_TIMEOUT_SECONDS)
+            response = await self.client.post(url, json=body, timeout=self.settings.token_timeout)
         except httpx.TimeoutException:
             return f"POST {url} timed out", None
         except httpx.TransportError as exc:
@@ -911,7 +929,16 @@ class TokenManager:
     def _retry_save(self) -> None:
         if self.account is None or time.monotonic() < self._next_save_attempt:
             return
-        self._save(self.account)
+        descriptor = _open_lock_file(self.settings.data_folder)
+        try:
+            if descriptor is not None:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._save(self.account)
+        except BlockingIOError:
+            return  # Another process is saving; the next request tries again.
+        finally:
+            if descriptor is not None:
+                os.close(descriptor)
         if not self._unsaved:
             logger.info("Saved %s after an earlier failure", self.store.path)
 
@@ -1537,6 +1564,9 @@ def serve(settings: Settings) -> None:
         "timeout_graceful_shutdown": settings.shutdown_grace_seconds,
     }
     logger.info("clove listening on http://%s:%d with %d worker(s)", settings.host, settings.port, settings.workers)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler that
+    # was installed before it started. This no-op handler makes that a normal exit with status 0.
+    signal.signal(signal.SIGTERM, lambda number, frame: None)
     if settings.workers == 1:
         uvicorn.run(create_app(settings), **options)
         return

@@ -1392,3 +1392,335 @@ def test_uvicorn_factory_serves_health(tmp_path: Path) -> None:
         output = stop_clove(process)
     assert response.json() == {"status": "ok", "account_valid": False, "account_status": "missing"}
     assert "clove started" in output
+
+
+# --- Several workers and process faults: real clove processes and a rotating token server ---
+
+
+class RotatingTokenServer(FakeUpstreamServer):
+    """A fake upstream whose token endpoint rotates refresh tokens as Anthropic's does.
+
+    Only the newest refresh token is accepted; redeeming an older one gives 400 invalid_grant.
+    `fault` makes the token endpoint fail: "html", "500", "429", "invalid_grant" or "slow".
+    """
+
+    def __init__(self, expires_in: int = 28800) -> None:
+        super().__init__()
+        self.expires_in = expires_in
+        self.current_refresh_token = "sk-ant-ort01-rot-0"
+        self.issued: list[str] = ["sk-ant-ort01-rot-0"]
+        self.fault: str | None = None
+        self.rejected = 0
+        self.lock = threading.Lock()
+
+    async def token(self, request: Request) -> Response:
+        body = await request.json()
+        with self.lock:
+            self.token_calls += 1
+            self.refresh_tokens_seen.append(body["refresh_token"])
+        if self.fault is not None:
+            return await self.failure()
+        with self.lock:
+            if body["refresh_token"] != self.current_refresh_token:
+                self.rejected += 1
+                return JSONResponse({"error": "invalid_grant", "error_description": "Refresh token not found"}, 400)
+            number = len(self.issued)
+            self.current_refresh_token = f"sk-ant-ort01-rot-{number}"
+            self.issued.append(self.current_refresh_token)
+        payload = token_payload(f"sk-ant-oat01-rot-{number}", self.current_refresh_token)
+        payload["expires_in"] = self.expires_in
+        return JSONResponse(payload)
+
+    async def failure(self) -> Response:
+        if self.fault == "html":
+            return Response("<html><body>Service unavailable</body></html>", 503, media_type="text/html")
+        if self.fault == "500":
+            return JSONResponse({"error": "server_error"}, 500)
+        if self.fault == "429":
+            return JSONResponse({"error": "rate_limited"}, 429, headers={"retry-after": "0"})
+        if self.fault == "slow":
+            await anyio.sleep(3)
+            return JSONResponse({"error": "server_error"}, 500)
+        return JSONResponse({"error": "invalid_grant", "error_description": "Refresh token not found"}, 400)
+
+    async def messages(self, request: Request) -> Response:
+        gap = float(request.headers.get("x-test-event-gap", "0"))
+        if gap:
+            self.authorizations.append(request.headers.get("authorization", ""))
+
+            async def slow_events() -> AsyncIterator[bytes]:
+                for event in message_stream_events([f"part {number} " for number in range(10)]):
+                    yield event
+                    await anyio.sleep(gap)
+
+            return StreamingResponse(slow_events(), media_type="text/event-stream")
+        return await super().messages(request)
+
+
+def write_account(data_folder: Path, expires_at: int, access_token: str = "sk-ant-oat01-rot-0") -> None:
+    clove.AccountStore(data_folder).save(
+        make_account(access_token=access_token, refresh_token="sk-ant-ort01-rot-0", expires_at=expires_at)
+    )
+
+
+def send_burst(base_url: str, count: int, headers: dict[str, str] | None = None) -> list[int]:
+    """Send count concurrent requests, each on its own connection so they spread over workers."""
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def send_one() -> None:
+        with httpx.Client(headers={"x-api-key": API_KEY, **(headers or {})}, timeout=30) as http_client:
+            status = http_client.post(base_url + "/v1/messages", content=json.dumps(REQUEST_BODY)).status_code
+        with lock:
+            statuses.append(status)
+
+    threads = [threading.Thread(target=send_one) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return sorted(statuses)
+
+
+def start_uvicorn_workers(data_folder: Path, upstream: FakeUpstreamServer, workers: int) -> tuple[subprocess.Popen[str], str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "CLOVE_ENV_FILE": "/nonexistent/clove.env",
+        "API_KEY": API_KEY,
+        "DATA_FOLDER": str(data_folder),
+        "CLAUDE_API_BASEURL": upstream.base_url,
+        "OAUTH_TOKEN_URL": upstream.base_url + "/v1/oauth/token",
+    }
+    command = [sys.executable, "-m", "uvicorn", "clove:create_app", "--factory", "--workers", str(workers)]
+    process = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=HERE,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    wait_for_health(process, base_url)
+    return process, base_url
+
+
+def wait_for_health(process: subprocess.Popen[str], base_url: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        assert process.poll() is None, process.communicate()[0]
+        try:
+            if httpx.get(base_url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "clove did not start"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("launcher", ["WORKERS=4 python clove.py", "uvicorn --factory --workers 4"])
+def test_workers_refresh_once_per_expiry(tmp_path: Path, launcher: str) -> None:
+    data_folder = tmp_path / "data"
+    # Each new token is due for refresh two seconds after it was issued (300 s leeway).
+    with RotatingTokenServer(expires_in=302) as upstream:
+        write_account(data_folder, expires_at=int(time.time()) - 1)
+        if launcher.startswith("WORKERS"):
+            process, base_url = start_clove(data_folder, upstream, WORKERS="4")
+        else:
+            process, base_url = start_uvicorn_workers(data_folder, upstream, 4)
+        try:
+            bursts = []
+            for cycle in range(3):
+                if cycle:
+                    time.sleep(2.2)
+                bursts.append(send_burst(base_url, 24))
+            clove.import_token(clove.Settings(data_folder=data_folder), "sk-ant-oat01-imported")
+            after_import = send_burst(base_url, 16)
+        finally:
+            output = stop_clove(process)
+
+        assert bursts == [[200] * 24] * 3, output
+        assert upstream.token_calls == 3
+        assert upstream.rejected == 0
+        assert upstream.refresh_tokens_seen == upstream.issued[:3]
+        assert after_import == [200] * 16
+        assert upstream.authorizations[-16:] == ["Bearer sk-ant-oat01-imported"] * 16
+
+
+def test_sigkill_during_refreshes_keeps_account(tmp_path: Path) -> None:
+    data_folder = tmp_path / "data"
+    random_source = __import__("random").Random(4)
+    # expires_in equal to the leeway makes every request refresh the token.
+    with RotatingTokenServer(expires_in=300) as upstream:
+        write_account(data_folder, expires_at=int(time.time()) - 1)
+        kills = 0
+        deadline = time.monotonic() + 60
+        while upstream.token_calls < 200 and time.monotonic() < deadline:
+            process, base_url = start_clove(data_folder, upstream, LOG_LEVEL="WARNING")
+            stop_at = time.monotonic() + random_source.uniform(0.05, 0.4)
+            with httpx.Client(headers={"x-api-key": API_KEY}, timeout=5) as http_client:
+                while time.monotonic() < stop_at:
+                    http_client.post(base_url + "/v1/messages", content=json.dumps(REQUEST_BODY))
+            process.kill()
+            process.communicate(timeout=10)
+            kills += 1
+
+            saved = json.loads((data_folder / "account.json").read_text())
+            assert saved["refresh_token"] in upstream.issued[-2:], f"after kill {kills}"
+            assert saved["status"] == "valid"
+            # A kill between the token response and the save leaves the previous token on disk;
+            # the fake accepts it again so the next round can go on, as a retried login would.
+            upstream.current_refresh_token = saved["refresh_token"]
+
+        process, base_url = start_clove(data_folder, upstream)
+        leftovers = [name for name in os.listdir(data_folder) if name.endswith(".tmp")]
+        stop_clove(process)
+
+    assert upstream.token_calls >= 200
+    assert leftovers == []
+
+
+def test_sigterm_lets_stream_finish(tmp_path: Path) -> None:
+    data_folder = tmp_path / "data"
+    with RotatingTokenServer() as upstream:
+        write_account(data_folder, expires_at=int(time.time()) + 3600)
+        process, base_url = start_clove(data_folder, upstream, SHUTDOWN_GRACE_SECONDS="10")
+        body = json.dumps({**REQUEST_BODY, "stream": True})
+        headers = {"x-api-key": API_KEY, "x-test-event-gap": "0.1"}
+        with httpx.Client(timeout=10) as http_client:
+            with http_client.stream("POST", base_url + "/v1/messages", content=body, headers=headers) as response:
+                chunks = response.iter_raw()
+                received = next(chunks)
+                process.terminate()
+                received += b"".join(chunks)
+        output, _ = process.communicate(timeout=15)
+
+    assert process.returncode == 0, output
+    assert received.endswith(sse_event("message_stop", {"type": "message_stop"}))
+    assert received.count(b"event: content_block_delta") == 10
+    assert json.loads((data_folder / "account.json").read_text())["status"] == "valid"
+
+
+def test_sigterm_grace_period_ends_stream(tmp_path: Path) -> None:
+    data_folder = tmp_path / "data"
+    with RotatingTokenServer() as upstream:
+        write_account(data_folder, expires_at=int(time.time()) + 3600)
+        process, base_url = start_clove(data_folder, upstream, SHUTDOWN_GRACE_SECONDS="0.5")
+        body = json.dumps({**REQUEST_BODY, "stream": True})
+        headers = {"x-api-key": API_KEY, "x-test-event-gap": "1"}
+        with httpx.Client(timeout=10) as http_client:
+            with http_client.stream("POST", base_url + "/v1/messages", content=body, headers=headers) as response:
+                chunks = response.iter_raw()
+                next(chunks)
+                process.terminate()
+                terminated_at = time.monotonic()
+                with pytest.raises(httpx.RemoteProtocolError):
+                    for _ in chunks:
+                        pass
+        process.communicate(timeout=15)
+        stopped_after = time.monotonic() - terminated_at
+
+    assert process.returncode == 0
+    assert stopped_after < 5
+
+
+def test_full_disk_keeps_serving_and_retries_save(tmp_path: Path) -> None:
+    import resource
+
+    data_folder = tmp_path / "data"
+    # Writes of more than 64 bytes to a file fail with EFBIG, as on a full disk; account.json is
+    # larger than that. Python ignores SIGXFSZ, so the write raises OSError instead of killing it.
+    file_size_limit = 64
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.RLIM_INFINITY))
+
+    with RotatingTokenServer() as upstream:
+        write_account(data_folder, expires_at=int(time.time()) - 1)
+        before = (data_folder / "account.json").read_bytes()
+        port = free_port()
+        env = {
+            **os.environ,
+            "CLOVE_ENV_FILE": "/nonexistent",
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "API_KEY": API_KEY,
+            "DATA_FOLDER": str(data_folder),
+            "CLAUDE_API_BASEURL": upstream.base_url,
+            "OAUTH_TOKEN_URL": upstream.base_url + "/v1/oauth/token",
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-B", str(HERE / "clove.py")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=limit_file_size,
+        )
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_health(process, base_url)
+            first = send_burst(base_url, 3)
+            unsaved = (data_folder / "account.json").read_bytes()
+            resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            time.sleep(clove.SAVE_RETRY_INTERVAL_SECONDS + 0.2)
+            second = send_burst(base_url, 1)
+        finally:
+            output = stop_clove(process)
+
+    saved = json.loads((data_folder / "account.json").read_text())
+    assert first == [200, 200, 200]
+    assert second == [200]
+    assert unsaved == before
+    assert upstream.token_calls == 1
+    assert upstream.authorizations == ["Bearer sk-ant-oat01-rot-1"] * 4
+    assert saved["refresh_token"] == "sk-ant-ort01-rot-1"
+    assert "File too large" in output
+    assert "after an earlier failure" in output
+
+
+@pytest.mark.parametrize(
+    ("fault", "status_code", "token_calls"),
+    [("html", 503, 2), ("500", 503, 2), ("429", 503, 2), ("slow", 503, 2), ("invalid_grant", 401, 1), ("down", 503, 0)],
+)
+def test_token_endpoint_fault_during_burst(tmp_path: Path, fault: str, status_code: int, token_calls: int) -> None:
+    data_folder = tmp_path / "data"
+    with RotatingTokenServer() as upstream:
+        upstream.fault = None if fault == "down" else fault
+        write_account(data_folder, expires_at=int(time.time()) - 1)
+        before = (data_folder / "account.json").read_bytes()
+        overrides = {"MAX_RETRIES": "2", "RETRY_DELAY": "0.1", "TOKEN_TIMEOUT": "1"}
+        if fault == "down":
+            overrides["OAUTH_TOKEN_URL"] = f"http://127.0.0.1:{free_port()}/v1/oauth/token"
+        process, base_url = start_clove(data_folder, upstream, **overrides)
+        try:
+            statuses = send_burst(base_url, 20)
+        finally:
+            output = stop_clove(process)
+
+    saved = json.loads((data_folder / "account.json").read_text())
+    assert statuses == [status_code] * 20, output
+    assert upstream.token_calls == token_calls
+    assert upstream.authorizations == []
+    if fault == "invalid_grant":
+        assert saved["status"] == "invalid"
+        assert saved["refresh_token"] == "sk-ant-ort01-rot-0"
+    else:
+        assert (data_folder / "account.json").read_bytes() == before
+
+
+def test_token_endpoint_fault_before_expiry(tmp_path: Path) -> None:
+    data_folder = tmp_path / "data"
+    with RotatingTokenServer() as upstream:
+        upstream.fault = "html"
+        write_account(data_folder, expires_at=int(time.time()) + 120)
+        process, base_url = start_clove(data_folder, upstream, MAX_RETRIES="2", RETRY_DELAY="0")
+        try:
+            statuses = send_burst(base_url, 20)
+        finally:
+            stop_clove(process)
+
+    assert statuses == [200] * 20
+    assert upstream.token_calls == 2
+    assert set(upstream.authorizations) == {"Bearer sk-ant-oat01-rot-0"}
