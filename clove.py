@@ -1231,7 +1231,8 @@ def validate_messages_body(body: bytes) -> bool:
     """
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # RecursionError: nesting deeper than the interpreter's recursion limit.
         raise CloveError("Request body must be a JSON object.", status_code=400, error_type="invalid_request_error") from None
     if not isinstance(document, dict):
         raise CloveError("Request body must be a JSON object.", status_code=400, error_type="invalid_request_error")
@@ -1327,15 +1328,12 @@ class Proxy:
         if stream:
             return StreamedUpstreamResponse(upstream_response, log_completion)  # type: ignore[return-value]
         log_completion("complete")
-        return Response(
-            upstream_response.content,
-            status_code=upstream_response.status_code,
-            headers=dict(_decode_headers(response_headers_for_client(upstream_response))),
-        )
-
-
-def _decode_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
+        content = upstream_response.content
+        response = Response(content, status_code=upstream_response.status_code)
+        # Raw pairs keep repeated upstream headers, which a mapping would merge.
+        response.raw_headers = response_headers_for_client(upstream_response)
+        response.raw_headers.append((b"content-length", str(len(content)).encode("ascii")))
+        return response
 
 
 async def handle_clove_error(request: Request, exc: Exception) -> Response:

@@ -580,6 +580,7 @@ def test_cors_allows_listed_origin(settings: clove.Settings, store: clove.Accoun
         (b"not json", "Request body must be a JSON object."),
         (b"[1, 2]", "Request body must be a JSON object."),
         (b"\xff\xfe", "Request body must be a JSON object."),
+        (b"[" * 100_000, "Request body must be a JSON object."),
         (b'{"max_tokens": 5, "messages": [{}]}', "model: Field required (expected a non-empty string)."),
         (b'{"model": 5, "max_tokens": 5, "messages": [{}]}', "model: expected a non-empty string, got int."),
         (b'{"model": "m", "max_tokens": 5}', "messages: Field required (expected a non-empty list)."),
@@ -686,12 +687,14 @@ def test_response_headers_passed_back(client: TestClient, fake: FakeAnthropic) -
         reply(
             429,
             json=clove.error_body("rate_limit_error", "slow down"),
-            headers={
-                "request-id": "req_9",
-                "anthropic-ratelimit-unified-status": "rejected",
-                "retry-after": "30",
-                "set-cookie": "x=1",
-            },
+            headers=[
+                ("request-id", "req_9"),
+                ("anthropic-ratelimit-unified-status", "rejected"),
+                ("retry-after", "30"),
+                ("set-cookie", "x=1"),
+                ("x-repeated", "one"),
+                ("x-repeated", "two"),
+            ],
         ),
     )
     response = post_message(client)
@@ -702,7 +705,8 @@ def test_response_headers_passed_back(client: TestClient, fake: FakeAnthropic) -
     assert response.headers["anthropic-ratelimit-unified-status"] == "rejected"
     assert response.headers["retry-after"] == "30"
     assert "set-cookie" not in response.headers
-    assert response.headers["content-length"] == str(len(response.content))
+    assert response.headers.get_list("x-repeated") == ["one", "two"]
+    assert response.headers.get_list("content-length") == [str(len(response.content))]
     assert len(fake.requests_to("/v1/messages")) == 1
 
 
