@@ -15,6 +15,8 @@ in SETTINGS below.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import dataclasses
 import email.utils
@@ -23,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import signal
 import sys
@@ -30,6 +33,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +118,17 @@ class CloveError(Exception):
             self.status_code = status_code
         if error_type is not None:
             self.error_type = error_type
+
+
+class ChatRequestError(CloveError):
+    """A chat completions request clove cannot honour; param names the offending parameter."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class SettingsError(ValueError):
@@ -1199,6 +1214,914 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+# --- OpenAI compatibility ---
+
+# Requests: OpenAI chat.completions to Anthropic messages.
+
+# Image types accepted by the Messages API for base64 sources.
+_IMAGE_MEDIA_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
+
+# "image/jpg" is not a registered type, but clients send it often enough to accept.
+_MEDIA_TYPE_ALIASES = {"image/jpg": "image/jpeg"}
+
+
+def _is_default_or_absent(default: object) -> Callable[[object], bool]:
+    return lambda value: value is None or (type(value) is type(default) and value == default)
+
+
+# Parameters whose non-default values would change the reply in a way the Messages API
+# cannot reproduce. Each entry: name, test for the accepted values, reason for the client.
+_UNSUPPORTED_PARAMS: tuple[tuple[str, Callable[[object], bool], str], ...] = (
+    ("n", _is_default_or_absent(1), "only n=1 is supported, because Claude returns one choice per request"),
+    ("logprobs", _is_default_or_absent(False), "log probabilities are not available from Claude"),
+    ("top_logprobs", _is_default_or_absent(None), "log probabilities are not available from Claude"),
+    ("audio", _is_default_or_absent(None), "audio output is not supported"),
+    ("modalities", _is_default_or_absent(["text"]), "only the text modality is supported"),
+    ("response_format", _is_default_or_absent({"type": "text"}), 'only {"type": "text"} is supported'),
+    ("functions", _is_default_or_absent(None), "the legacy 'functions' is not supported. Use 'tools'"),
+    ("function_call", _is_default_or_absent(None), "the legacy 'function_call' is not supported. Use 'tool_choice'"),
+    ("logit_bias", _is_default_or_absent({}), "logit_bias is not supported by Claude"),
+    ("prediction", _is_default_or_absent(None), "predicted outputs are not supported"),
+)
+
+# Fields that are ignored on purpose, like any other unknown field:
+# - seed, presence_penalty, frequency_penalty: sampling controls with no Messages API
+#   equivalent. Dropping them changes how tokens are sampled, not the shape of the reply.
+# - store, metadata, service_tier: OpenAI storage and billing options.
+# - reasoning_effort: enabling extended thinking would also constrain temperature and
+#   max_tokens, and thinking output has no place in a chat.completion.
+# - stream_options: chat_stream_include_usage reads include_usage for the route. Nothing is sent upstream.
+
+
+def chat_request_to_messages(body: object, default_max_tokens: int) -> dict[str, Any]:
+    """Convert a decoded OpenAI Chat Completions request body into a Messages request body.
+
+    `default_max_tokens` is used when the client sets neither `max_tokens` nor
+    `max_completion_tokens`, because the Messages API requires a limit.
+    Raises ChatRequestError, naming the offending parameter, for anything that cannot be
+    honoured.
+    """
+    if not isinstance(body, dict):
+        raise ChatRequestError("Invalid request body: expected a JSON object.")
+    _reject_unsupported_params(body)
+
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _invalid("model", "a non-empty string")
+
+    system, messages = _convert_messages(body.get("messages"))
+    request: dict[str, Any] = {
+        "model": model,
+        "max_tokens": _max_tokens(body, default_max_tokens),
+        "messages": messages,
+    }
+    if system:
+        request["system"] = system
+    request.update(_sampling_params(body))
+    request.update(_tool_params(body))
+    return request
+
+
+def chat_stream_include_usage(body: dict[str, Any]) -> bool:
+    """Return stream_options.include_usage, which asks for a final chunk with token usage."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise _invalid("stream_options", "an object")
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise _invalid("stream_options.include_usage", f"a boolean, got {include_usage!r}")
+    return include_usage is True
+
+
+def _invalid(param: str, expected: str) -> ChatRequestError:
+    return ChatRequestError(f"Invalid '{param}': expected {expected}.", param)
+
+
+def _reject_unsupported_params(body: dict[str, Any]) -> None:
+    for name, accepts, reason in _UNSUPPORTED_PARAMS:
+        value = body.get(name)
+        if not accepts(value):
+            raise ChatRequestError(f"Unsupported value for '{name}': {reason}.", name)
+
+
+def _max_tokens(body: dict[str, Any], default: int) -> int:
+    chosen = default
+    # max_completion_tokens replaces the deprecated max_tokens, so it wins when both are set.
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if type(value) is not int or value < 1:
+            raise _invalid(name, f"a positive integer, got {value!r}")
+        chosen = value
+    return chosen
+
+
+def _sampling_params(body: dict[str, Any]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    # NOTE: values are passed through without a range check. The Messages API reference gives
+    # temperature a range of 0.0-1.0 while OpenAI allows 0-2, so values above 1 get an upstream 400.
+    for name in ("temperature", "top_p"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not _is_number(value):
+            raise _invalid(name, f"a number, got {value!r}")
+        params[name] = value
+
+    stop_sequences = _stop_sequences(body.get("stop"))
+    if stop_sequences:
+        params["stop_sequences"] = stop_sequences
+
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _invalid("stream", f"a boolean, got {stream!r}")
+    if stream:
+        params["stream"] = True
+
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise _invalid("user", f"a string, got {user!r}")
+    if user:
+        params["metadata"] = {"user_id": user}
+    return params
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _stop_sequences(stop: object) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(item, str) for item in stop):
+        return list(stop)
+    raise _invalid("stop", "a string or an array of strings")
+
+
+# Message conversion.
+
+
+def _convert_messages(messages: object) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split OpenAI messages into Anthropic system text blocks and alternating turns."""
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("messages", "a non-empty array of message objects")
+
+    system: list[dict[str, Any]] = []
+    turns: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        path = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _invalid(path, "a message object")
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system.extend(_text_blocks(message.get("content"), f"{path}.content"))
+            continue
+        turn_role, blocks = _convert_turn(role, message, path)
+        _append_turn(turns, turn_role, blocks)
+
+    if not turns:
+        raise ChatRequestError(
+            "Invalid 'messages': no user, assistant or tool message with content was found. Add a user message.",
+            "messages",
+        )
+    if turns[0]["role"] != "user":
+        raise ChatRequestError(
+            # The Messages API rejects a conversation whose first turn is not a user turn.
+            "Invalid 'messages': after system and developer messages, the first message must be user or tool.",
+            "messages",
+        )
+    return system, turns
+
+
+def _convert_turn(role: object, message: dict[str, Any], path: str) -> tuple[str, list[dict[str, Any]]]:
+    if role == "user":
+        return "user", _user_blocks(message.get("content"), f"{path}.content")
+    if role == "assistant":
+        return "assistant", _assistant_blocks(message, path)
+    if role == "tool":
+        return "user", [_tool_result_block(message, path)]
+    if role == "function":
+        raise ChatRequestError(
+            f"Unsupported role in '{path}': the legacy 'function' role is not supported. "
+            "Send 'tool' messages with a 'tool_call_id'.",
+            f"{path}.role",
+        )
+    raise ChatRequestError(f"Invalid role in '{path}': {role!r}.", f"{path}.role")
+
+
+def _append_turn(turns: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
+    # The Messages API rejects empty content, so a message without content is dropped
+    # rather than padded with invented text.
+    if not blocks:
+        return
+    if turns and turns[-1]["role"] == role:
+        turns[-1]["content"].extend(blocks)
+    else:
+        turns.append({"role": role, "content": blocks})
+
+
+def _text_blocks(content: object, path: str) -> list[dict[str, Any]]:
+    """Convert string or text-part content into non-empty text blocks."""
+    if isinstance(content, str):
+        return [_text_block(content)] if content else []
+    if not isinstance(content, list):
+        raise _invalid(path, "a string or an array of text parts")
+
+    blocks = []
+    for j, part in enumerate(content):
+        text = _part_text(part, f"{path}[{j}]")
+        if text:
+            blocks.append(_text_block(text))
+    return blocks
+
+
+def _part_text(part: object, path: str, allow_refusal: bool = False) -> str:
+    if isinstance(part, dict):
+        field = "refusal" if allow_refusal and part.get("type") == "refusal" else "text"
+        value = part.get(field)
+        if part.get("type") == field and isinstance(value, str):
+            return value
+    raise _invalid(path, 'a text part {"type": "text", "text": string}')
+
+
+def _text_block(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
+
+
+def _user_blocks(content: object, path: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [_text_block(content)] if content else []
+    if not isinstance(content, list):
+        raise _invalid(path, "a string or an array of content parts")
+
+    blocks = []
+    for j, part in enumerate(content):
+        part_path = f"{path}[{j}]"
+        part_type = part.get("type") if isinstance(part, dict) else None
+        if part_type == "image_url":
+            blocks.append(_image_block(part, part_path))
+            continue
+        if part_type != "text":
+            raise ChatRequestError(
+                f"Unsupported content part '{part_path}': type {part_type!r}. Use 'text' or 'image_url'.",
+                part_path,
+            )
+        text = _part_text(part, part_path)
+        if text:
+            blocks.append(_text_block(text))
+    return blocks
+
+
+def _image_block(part: dict[str, Any], path: str) -> dict[str, Any]:
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else None
+    if not isinstance(url, str):
+        raise ChatRequestError(f"Invalid image part '{path}': 'image_url.url' must be a string.", path)
+
+    scheme = url.partition(":")[0].lower()
+    if scheme == "data":
+        return {"type": "image", "source": _data_url_source(url, path)}
+    if scheme in ("http", "https"):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    raise ChatRequestError(
+        f"Unsupported image URL in '{path}': scheme {scheme!r}. Use an http(s) URL or a base64 data URL.", path
+    )
+
+
+def _data_url_source(url: str, path: str) -> dict[str, Any]:
+    """Convert `data:<media type>[;param]*;base64,<data>` into a base64 image source."""
+    header, comma, data = url[len("data:"):].partition(",")
+    header_params = [item.strip().lower() for item in header.split(";")]
+    media_type = _MEDIA_TYPE_ALIASES.get(header_params[0], header_params[0])
+    if not comma or "base64" not in header_params[1:]:
+        raise ChatRequestError(f"Invalid image data URL in '{path}': only base64 data URLs are supported.", path)
+    if media_type not in _IMAGE_MEDIA_TYPES:
+        raise ChatRequestError(
+            f"Unsupported image type in '{path}': {media_type!r}. Use one of {', '.join(sorted(_IMAGE_MEDIA_TYPES))}.",
+            path,
+        )
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        decoded = b""
+    if not decoded:
+        raise ChatRequestError(f"Invalid image data URL in '{path}': the data is empty or not valid base64.", path)
+    return {"type": "base64", "media_type": media_type, "data": data}
+
+
+def _assistant_blocks(message: dict[str, Any], path: str) -> list[dict[str, Any]]:
+    content = message.get("content")
+    content_path = f"{path}.content"
+    blocks: list[dict[str, Any]] = []
+    if isinstance(content, str):
+        if content:
+            blocks.append(_text_block(content))
+    elif isinstance(content, list):
+        # Replayed assistant messages may carry refusal parts, which are plain text here.
+        for j, part in enumerate(content):
+            text = _part_text(part, f"{content_path}[{j}]", allow_refusal=True)
+            if text:
+                blocks.append(_text_block(text))
+    elif content is not None:
+        raise _invalid(content_path, "a string, an array of text parts or null")
+
+    tool_calls = message.get("tool_calls")
+    if tool_calls is not None:
+        if not isinstance(tool_calls, list):
+            raise _invalid(f"{path}.tool_calls", "an array")
+        blocks.extend(_tool_use_block(call, f"{path}.tool_calls[{k}]") for k, call in enumerate(tool_calls))
+    return blocks
+
+
+def _tool_use_block(call: object, path: str) -> dict[str, Any]:
+    # Some clients omit "type" on replayed tool calls, so it defaults to "function", the only valid value.
+    if not isinstance(call, dict) or call.get("type", "function") != "function":
+        raise _invalid(path, "a tool call of type 'function'")
+    function = call.get("function")
+    if not isinstance(function, dict):
+        raise _invalid(f"{path}.function", "an object")
+    call_id = call.get("id")
+    name = function.get("name")
+    if not isinstance(call_id, str) or not call_id:
+        raise _invalid(f"{path}.id", "a non-empty string")
+    if not isinstance(name, str) or not name:
+        raise _invalid(f"{path}.function.name", "a non-empty string")
+    arguments = _tool_arguments(function.get("arguments"), path)
+    return {"type": "tool_use", "id": call_id, "name": name, "input": arguments}
+
+
+def _tool_arguments(arguments: object, path: str) -> dict[str, Any]:
+    param = f"{path}.function.arguments"
+    parsed: object = None
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except json.JSONDecodeError:
+            parsed = None
+    if not isinstance(parsed, dict):
+        raise _invalid(param, "a string containing a JSON object")
+    return parsed
+
+
+def _tool_result_block(message: dict[str, Any], path: str) -> dict[str, Any]:
+    call_id = message.get("tool_call_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise _invalid(f"{path}.tool_call_id", "a non-empty string")
+
+    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": call_id}
+    content = message.get("content")
+    if isinstance(content, str):
+        if content:
+            block["content"] = content
+        return block
+    text_blocks = _text_blocks(content, f"{path}.content")
+    if text_blocks:
+        block["content"] = text_blocks
+    return block
+
+
+# Tool conversion.
+
+
+def _tool_params(body: dict[str, Any]) -> dict[str, Any]:
+    tools = _convert_tools(body.get("tools"))
+    tool_choice = _convert_tool_choice(body.get("tool_choice"), tools)
+
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise _invalid("parallel_tool_calls", f"a boolean, got {parallel!r}")
+    if parallel is False and tools:
+        tool_choice = tool_choice or {"type": "auto"}
+        # With "none" no tool is called, and the Messages API accepts the flag only on the other types.
+        if tool_choice["type"] != "none":
+            tool_choice["disable_parallel_tool_use"] = True
+
+    params: dict[str, Any] = {}
+    if tools:
+        params["tools"] = tools
+    if tool_choice is not None:
+        params["tool_choice"] = tool_choice
+    return params
+
+
+def _convert_tools(tools: object) -> list[dict[str, Any]]:
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise _invalid("tools", "an array of tool objects")
+    return [_convert_tool(tool, f"tools[{k}]") for k, tool in enumerate(tools)]
+
+
+def _convert_tool(tool: object, path: str) -> dict[str, Any]:
+    if not isinstance(tool, dict) or tool.get("type") != "function":
+        raise ChatRequestError(f"Unsupported tool '{path}': only tools of type 'function' are supported.", path)
+    function = tool.get("function")
+    if not isinstance(function, dict):
+        raise _invalid(f"{path}.function", "an object")
+    name = function.get("name")
+    if not isinstance(name, str) or not name:
+        raise _invalid(f"{path}.function.name", "a non-empty string")
+
+    converted: dict[str, Any] = {"name": name}
+    description = function.get("description")
+    if description is not None:
+        if not isinstance(description, str):
+            raise _invalid(f"{path}.function.description", "a string")
+        converted["description"] = description
+    parameters = function.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise _invalid(f"{path}.function.parameters", "a JSON Schema object")
+    # OpenAI allows a tool without parameters, but the Messages API requires an input schema.
+    converted["input_schema"] = parameters if parameters is not None else {"type": "object", "properties": {}}
+    return converted
+
+
+_TOOL_CHOICE_MODES = {"auto": "auto", "required": "any", "none": "none"}
+
+
+def _convert_tool_choice(choice: object, tools: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if choice is None:
+        return None
+    if isinstance(choice, str) and choice in _TOOL_CHOICE_MODES:
+        converted: dict[str, Any] = {"type": _TOOL_CHOICE_MODES[choice]}
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            raise ChatRequestError("Invalid 'tool_choice.function.name': expected a non-empty string.", "tool_choice")
+        if name not in {tool["name"] for tool in tools}:
+            raise ChatRequestError(f"Invalid 'tool_choice': no tool named {name!r} is in 'tools'.", "tool_choice")
+        converted = {"type": "tool", "name": name}
+    else:
+        raise ChatRequestError(
+            "Invalid 'tool_choice': expected \"auto\", \"required\", \"none\" or a function object.", "tool_choice"
+        )
+
+    if tools:
+        return converted
+    # Without tools, "auto" and "none" already describe the behaviour, so they are dropped.
+    if converted["type"] in ("auto", "none"):
+        return None
+    raise ChatRequestError("Invalid 'tool_choice': a tool can only be required when 'tools' is set.", "tool_choice")
+
+
+# Responses: an Anthropic message to an OpenAI chat.completion.
+
+
+def _object(value: object) -> dict[str, Any]:
+    """Return value if it is a JSON object, else an empty one, so malformed upstream data reads as absent."""
+    return value if isinstance(value, dict) else {}
+
+
+def _block_index(data: dict[str, Any]) -> int:
+    index = data.get("index")
+    return index if isinstance(index, int) else -1
+
+
+_FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+    "pause_turn": "stop",
+}
+
+
+def _finish_reason(stop_reason: object) -> str:
+    return _FINISH_REASONS.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
+
+
+def _openai_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    """Convert Anthropic usage counters. Prompt tokens include cache writes and cache reads."""
+    input_tokens = usage.get("input_tokens") or 0
+    cache_creation = usage.get("cache_creation_input_tokens") or 0
+    cache_read = usage.get("cache_read_input_tokens") or 0
+    output_tokens = usage.get("output_tokens") or 0
+    prompt_tokens = input_tokens + cache_creation + cache_read
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": output_tokens,
+        "total_tokens": prompt_tokens + output_tokens,
+        "prompt_tokens_details": {"cached_tokens": cache_read},
+    }
+
+
+def chat_completion_from_message(message: dict[str, Any]) -> dict[str, Any]:
+    """Convert a non-streaming Anthropic Message into an OpenAI chat.completion object.
+
+    Text blocks are joined into `content`, and tool_use blocks become `tool_calls`.
+    Thinking blocks and server tool blocks are dropped.
+    """
+    texts: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
+    content = message.get("content")
+    for block in content if isinstance(content, list) else []:
+        block = _object(block)
+        if block.get("type") == "text":
+            texts.append(block.get("text") or "")
+        elif block.get("type") == "tool_use":
+            tool_calls.append(_tool_call(block))
+
+    reply: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
+    if tool_calls:
+        reply["tool_calls"] = tool_calls
+    reply["refusal"] = None
+    finish_reason = _finish_reason(message.get("stop_reason"))
+    choice = {"index": 0, "message": reply, "finish_reason": finish_reason, "logprobs": None}
+    return {
+        "id": f"chatcmpl-{message.get('id', '')}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": message.get("model"),
+        "choices": [choice],
+        "usage": _openai_usage(_object(message.get("usage"))),
+    }
+
+
+def _tool_call(block: dict[str, Any]) -> dict[str, Any]:
+    arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
+    function = {"name": block.get("name"), "arguments": arguments}
+    return {"id": block.get("id"), "type": "function", "function": function}
+
+
+# Streaming: Anthropic SSE events to OpenAI chat.completion.chunk events.
+
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+
+
+@dataclass
+class _SseEvent:
+    name: str
+    data: str
+
+
+class _SseParser:
+    """Incremental text/event-stream parser for bytes split at arbitrary offsets.
+
+    Lines are split as bytes and decoded only when complete, which is safe because CR
+    and LF never occur inside a multi-byte UTF-8 sequence.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._event_name = ""
+        self._data_lines: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[_SseEvent]:
+        # The kept buffer holds no line break except a trailing CR, so the search starts there
+        # and a long line that arrives in many small chunks is scanned once.
+        scan_from = len(self._buffer) - 1 if self._buffer.endswith(b"\r") else len(self._buffer)
+        self._buffer += chunk
+        events: list[_SseEvent] = []
+        consumed = 0
+        for match in _LINE_BREAK.finditer(self._buffer, scan_from):
+            # A CR at the end of the buffer may be the first half of a CRLF.
+            if match.group() == b"\r" and match.end() == len(self._buffer):
+                break
+            event = self._take_line(self._buffer[consumed:match.start()])
+            consumed = match.end()
+            if event is not None:
+                events.append(event)
+        self._buffer = self._buffer[consumed:]
+        return events
+
+    def close(self) -> list[_SseEvent]:
+        """Flush a trailing CR and discard an event without its closing blank line, as the SSE spec requires."""
+        events = self.feed(b"\n") if self._buffer.endswith(b"\r") else []
+        self._buffer = b""
+        self._event_name = ""
+        self._data_lines = []
+        return events
+
+    def _take_line(self, line: bytes) -> _SseEvent | None:
+        if not line:
+            return self._dispatch()
+        text = line.decode("utf-8", errors="replace")
+        if text.startswith(":"):
+            return None
+        field, _, value = text.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if field == "event":
+            self._event_name = value
+        elif field == "data":
+            self._data_lines.append(value)
+        return None
+
+    def _dispatch(self) -> _SseEvent | None:
+        event = None
+        if self._data_lines:
+            event = _SseEvent(self._event_name or "message", "\n".join(self._data_lines))
+        self._event_name = ""
+        self._data_lines = []
+        return event
+
+
+def _sse_data(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+_DONE = "data: [DONE]\n\n"
+
+
+class ChatStreamTranslator:
+    """Translate an Anthropic Messages SSE stream into OpenAI chat.completion.chunk events.
+
+    Call feed() with upstream bytes as they arrive, then finish() when upstream closes
+    cleanly or fail() when the connection breaks. The output ends with `data: [DONE]`
+    only after message_stop. Otherwise it ends with an error event. After either ending,
+    further calls return b"".
+    """
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self._parser = _SseParser()
+        self._model = model
+        self._include_usage = include_usage
+        # Replaced by the upstream message id on message_start.
+        self._id = f"chatcmpl-{secrets.token_hex(12)}"
+        self._created = int(time.time())
+        self._tool_indexes: dict[int, int] = {}  # Anthropic content block index -> OpenAI tool call index
+        self._usage: dict[str, Any] = {}
+        self._stop_reason: str | None = None
+        self._arguments_sent: set[int] = set()  # OpenAI tool call indexes with argument text sent
+        self._ended = False
+        self.error: str | None = None  # the message of the error event that ended the output
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Consume upstream bytes and return the OpenAI SSE bytes they complete, possibly b""."""
+        if self._ended:
+            return b""
+        return self._translate(self._parser.feed(chunk))
+
+    def finish(self) -> bytes:
+        """Return the remaining output, or an error event if message_stop never arrived."""
+        if self._ended:
+            return b""
+        output = self._translate(self._parser.close())
+        if self._ended:
+            return output
+        error = self._error("Upstream stream ended before message_stop, so the response is incomplete.", "server_error")
+        return output + error.encode()
+
+    def fail(self, message: str) -> bytes:
+        """Return an error event carrying `message`, or b"" if the stream already ended."""
+        if self._ended:
+            return b""
+        return self._error(message, "server_error").encode()
+
+    def _translate(self, events: list[_SseEvent]) -> bytes:
+        output: list[str] = []
+        for event in events:
+            output.extend(self._handle(event))
+            if self._ended:
+                break
+        return "".join(output).encode()
+
+    def _handle(self, event: _SseEvent) -> list[str]:
+        try:
+            data = json.loads(event.data)
+        except json.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):
+            message = f"Upstream sent an invalid {event.name!r} event: the data is not a JSON object."
+            return [self._error(message, "server_error")]
+
+        handler = self._handlers.get(data.get("type", event.name))
+        # Unknown event types are skipped, because Anthropic's versioning policy allows new ones.
+        return handler(self, data) if handler else []
+
+    def _on_message_start(self, data: dict[str, Any]) -> list[str]:
+        message = _object(data.get("message"))
+        if message.get("id"):
+            self._id = f"chatcmpl-{message['id']}"
+        if message.get("model"):
+            self._model = message["model"]
+        self._update_usage(message.get("usage"))
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def _on_block_start(self, data: dict[str, Any]) -> list[str]:
+        block = _object(data.get("content_block"))
+        if block.get("type") == "text" and block.get("text"):
+            return [self._chunk({"content": block["text"]})]
+        if block.get("type") != "tool_use":
+            return []
+        tool_index = len(self._tool_indexes)
+        self._tool_indexes[_block_index(data)] = tool_index
+        function = {"name": block.get("name"), "arguments": ""}
+        call = {"index": tool_index, "id": block.get("id"), "type": "function", "function": function}
+        return [self._chunk({"tool_calls": [call]})]
+
+    def _on_block_delta(self, data: dict[str, Any]) -> list[str]:
+        delta = _object(data.get("delta"))
+        if delta.get("type") == "text_delta" and delta.get("text"):
+            return [self._chunk({"content": delta["text"]})]
+        tool_index = self._tool_indexes.get(_block_index(data))
+        if delta.get("type") == "input_json_delta" and delta.get("partial_json") and tool_index is not None:
+            self._arguments_sent.add(tool_index)
+            return [self._arguments_chunk(tool_index, delta["partial_json"])]
+        # thinking_delta, signature_delta and citations_delta have no OpenAI counterpart.
+        return []
+
+    def _on_block_stop(self, data: dict[str, Any]) -> list[str]:
+        # A tool call without arguments streams no input_json_delta text. Sending "{}" makes the
+        # accumulated arguments valid JSON, as in a non-streamed reply, so clients can send the
+        # call back in a later request.
+        tool_index = self._tool_indexes.get(_block_index(data))
+        if tool_index is None or tool_index in self._arguments_sent:
+            return []
+        self._arguments_sent.add(tool_index)
+        return [self._arguments_chunk(tool_index, "{}")]
+
+    def _arguments_chunk(self, tool_index: int, arguments: str) -> str:
+        return self._chunk({"tool_calls": [{"index": tool_index, "function": {"arguments": arguments}}]})
+
+    def _on_message_delta(self, data: dict[str, Any]) -> list[str]:
+        stop_reason = _object(data.get("delta")).get("stop_reason")
+        if stop_reason:
+            self._stop_reason = stop_reason
+        self._update_usage(data.get("usage"))
+        return []
+
+    def _on_message_stop(self, data: dict[str, Any]) -> list[str]:
+        self._ended = True
+        output = [self._chunk({}, _finish_reason(self._stop_reason))]
+        if self._include_usage:
+            usage_chunk = self._chunk_base()
+            usage_chunk["choices"] = []
+            usage_chunk["usage"] = _openai_usage(self._usage)
+            output.append(_sse_data(usage_chunk))
+        output.append(_DONE)
+        return output
+
+    def _on_error(self, data: dict[str, Any]) -> list[str]:
+        error = _object(data.get("error"))
+        error_type, code = _ANTHROPIC_ERROR_TYPES.get(error.get("type"), ("server_error", None))
+        message = error.get("message") or "Upstream reported an error without a message."
+        return [self._error(message, error_type, code)]
+
+    def _update_usage(self, usage: object) -> None:
+        # message_delta counters are cumulative, so later values replace earlier ones.
+        if isinstance(usage, dict):
+            self._usage.update({key: value for key, value in usage.items() if value is not None})
+
+    def _chunk_base(self) -> dict[str, Any]:
+        return {"id": self._id, "object": "chat.completion.chunk", "created": self._created, "model": self._model}
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> str:
+        chunk = self._chunk_base()
+        chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+        if self._include_usage:
+            chunk["usage"] = None
+        return _sse_data(chunk)
+
+    def _error(self, message: str, error_type: str, code: str | None = None) -> str:
+        self._ended = True
+        self.error = message
+        return _sse_data(openai_error_body(message, error_type, None, code))
+
+    _handlers: dict[str, Callable[[ChatStreamTranslator, dict[str, Any]], list[str]]] = {
+        "message_start": _on_message_start,
+        "content_block_start": _on_block_start,
+        "content_block_delta": _on_block_delta,
+        "message_delta": _on_message_delta,
+        "content_block_stop": _on_block_stop,
+        "message_stop": _on_message_stop,
+        "error": _on_error,
+        # ping needs no output.
+    }
+
+
+
+# Model lists and errors.
+
+
+def models_list_for_both(upstream: dict[str, Any]) -> dict[str, Any]:
+    """Convert an Anthropic model list into one that OpenAI and Anthropic clients both accept.
+
+    Each entry keeps its Anthropic fields and gains OpenAI's `object`, `created` and `owned_by`.
+    """
+    entries = upstream.get("data")
+    models = [model_for_both(entry) for entry in entries if isinstance(entry, dict)] if isinstance(entries, list) else []
+    return {
+        "object": "list",
+        "data": models,
+        "has_more": upstream.get("has_more", False),
+        "first_id": upstream.get("first_id"),
+        "last_id": upstream.get("last_id"),
+    }
+
+
+def model_for_both(entry: dict[str, Any]) -> dict[str, Any]:
+    """Add OpenAI's `object`, `created` and `owned_by` fields to an Anthropic model object."""
+    return {**entry, "object": "model", "created": _unix_time(entry.get("created_at")), "owned_by": "anthropic"}
+
+
+def _unix_time(timestamp: object) -> int:
+    """Parse an RFC 3339 timestamp into Unix seconds, or return 0 if it is missing or invalid."""
+    if not isinstance(timestamp, str):
+        return 0
+    try:
+        parsed = datetime.fromisoformat(timestamp)
+    except ValueError:
+        return 0
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return int(parsed.timestamp())
+
+
+def openai_error_body(
+    message: str, error_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """Build an OpenAI error response body."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+# Anthropic error type -> OpenAI error type and code.
+_ANTHROPIC_ERROR_TYPES: dict[object, tuple[str, str | None]] = {
+    "invalid_request_error": ("invalid_request_error", None),
+    "authentication_error": ("authentication_error", None),
+    "permission_error": ("permission_error", None),
+    "not_found_error": ("not_found_error", None),
+    "request_too_large": ("invalid_request_error", "request_too_large"),
+    # OpenAI reports rate limits as "requests" or "tokens" depending on the limit hit.
+    # Anthropic does not say which, so the generic type is kept.
+    "rate_limit_error": ("rate_limit_error", None),
+    "api_error": ("server_error", None),
+    "overloaded_error": ("server_error", "overloaded"),
+}
+
+_STATUS_ERROR_TYPES: dict[int, tuple[str, str | None]] = {
+    400: ("invalid_request_error", None),
+    401: ("authentication_error", None),
+    403: ("permission_error", None),
+    404: ("not_found_error", None),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_error", None),
+    529: ("server_error", "overloaded"),
+}
+
+_BODY_EXCERPT_CHARS = 200
+
+
+def openai_error_from_anthropic(status_code: int, body: bytes) -> dict[str, Any]:
+    """Translate an upstream Anthropic error response into an OpenAI error body.
+
+    A body that is not Anthropic's error JSON, such as an HTML page from a gateway, is
+    typed by its status code and quoted in shortened form.
+    """
+    error = _anthropic_error(body)
+    if error is None:
+        error_type, code = _error_type_for_status(status_code)
+        message = f"Upstream returned HTTP {status_code} with an unexpected body: {_excerpt(body)}"
+        return openai_error_body(message, error_type, None, code)
+
+    anthropic_type, message = error
+    error_type, code = openai_error_type(anthropic_type, status_code)
+    message = message or f"Upstream returned HTTP {status_code} without a message."
+    return openai_error_body(message, error_type, None, code)
+
+
+def openai_error_type(anthropic_type: str, status_code: int) -> tuple[str, str | None]:
+    """Return the OpenAI error type and code for an Anthropic error type, falling back to the status."""
+    return _ANTHROPIC_ERROR_TYPES.get(anthropic_type) or _error_type_for_status(status_code)
+
+
+def _anthropic_error(body: bytes) -> tuple[str, str] | None:
+    """Return (type, message) from `{"type": "error", "error": {...}}`, or None for any other body."""
+    try:
+        decoded = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    error = decoded.get("error") if isinstance(decoded, dict) else None
+    if not isinstance(error, dict) or not isinstance(error.get("type"), str):
+        return None
+    message = error.get("message")
+    return error["type"], message if isinstance(message, str) else ""
+
+
+def _error_type_for_status(status_code: int) -> tuple[str, str | None]:
+    if status_code in _STATUS_ERROR_TYPES:
+        return _STATUS_ERROR_TYPES[status_code]
+    if 400 <= status_code < 500:
+        return "invalid_request_error", None
+    return "server_error", None
+
+
+def _excerpt(body: bytes) -> str:
+    text = " ".join(body.decode("utf-8", errors="replace").split())
+    if not text:
+        return "(empty body)"
+    if len(text) > _BODY_EXCERPT_CHARS:
+        return text[:_BODY_EXCERPT_CHARS] + "..."
+    return text
 
 
 # --- Routes ---

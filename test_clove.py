@@ -1202,6 +1202,1292 @@ def test_logs_contain_no_secrets(settings: clove.Settings, fake: FakeAnthropic, 
         assert secret not in caplog.text
 
 
+# --- OpenAI compatibility ---
+
+MODEL = "claude-sonnet-4-20250514"
+DEFAULT_MAX_TOKENS = 4096
+PNG_BASE64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+FIXED_TIME = 1_700_000_000
+
+
+@pytest.fixture
+def fixed_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(clove.time, "time", lambda: float(FIXED_TIME))
+
+
+def convert(**fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+    body.update(fields)
+    return clove.chat_request_to_messages(body, DEFAULT_MAX_TOKENS)
+
+
+def convert_messages(messages: list[Any]) -> dict[str, Any]:
+    return convert(messages=messages)
+
+
+def rejected_param(body: object) -> str | None:
+    with pytest.raises(clove.ChatRequestError) as caught:
+        clove.chat_request_to_messages(body, DEFAULT_MAX_TOKENS)
+    return caught.value.param
+
+
+def text(value: str) -> dict[str, Any]:
+    return {"type": "text", "text": value}
+
+
+# --- OpenAI compatibility: request conversion ---
+
+
+def test_request_minimal_user_message() -> None:
+    request = convert()
+
+    assert request == {
+        "model": MODEL,
+        "max_tokens": DEFAULT_MAX_TOKENS,
+        "messages": [{"role": "user", "content": [text("Hi")]}],
+    }
+
+
+def test_request_error_keeps_message_and_param() -> None:
+    error = clove.ChatRequestError("Invalid 'model'.", "model")
+
+    assert str(error) == "Invalid 'model'."
+    assert error.message == "Invalid 'model'."
+    assert error.param == "model"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ([], None),
+        ("text", None),
+        (None, None),
+        ({"messages": [{"role": "user", "content": "Hi"}]}, "model"),
+        ({"model": "", "messages": [{"role": "user", "content": "Hi"}]}, "model"),
+        ({"model": 5, "messages": [{"role": "user", "content": "Hi"}]}, "model"),
+        ({"model": MODEL}, "messages"),
+        ({"model": MODEL, "messages": []}, "messages"),
+        ({"model": MODEL, "messages": {"role": "user"}}, "messages"),
+        ({"model": MODEL, "messages": ["Hi"]}, "messages[0]"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}, None]}, "messages[1]"),
+    ],
+)
+def test_request_rejects_invalid_shape(body: object, param: str | None) -> None:
+    assert rejected_param(body) == param
+
+
+def test_request_model_passes_through() -> None:
+    request = convert(model="gpt-4o")
+
+    assert request["model"] == "gpt-4o"
+
+
+def test_request_hoists_system_and_developer() -> None:
+    request = convert_messages(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "developer", "content": [text("Use French."), text("No emoji.")]},
+            {"role": "assistant", "content": "Salut"},
+        ]
+    )
+
+    assert request["system"] == [text("Be brief."), text("Use French."), text("No emoji.")]
+    assert request["messages"] == [
+        {"role": "user", "content": [text("Hi")]},
+        {"role": "assistant", "content": [text("Salut")]},
+    ]
+
+
+def test_request_omits_empty_system() -> None:
+    request = convert_messages([{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}])
+
+    assert "system" not in request
+
+
+@pytest.mark.parametrize(
+    ("content", "param"),
+    [
+        (None, "messages[0].content"),
+        (5, "messages[0].content"),
+        ([{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}], "messages[0].content[0]"),
+        ([text("ok"), {"type": "text", "text": 3}], "messages[0].content[1]"),
+    ],
+)
+def test_request_rejects_bad_system_content(content: object, param: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "system", "content": content}, {"role": "user", "content": "Hi"}]}
+
+    assert rejected_param(body) == param
+
+
+def test_request_merges_consecutive_roles() -> None:
+    request = convert_messages(
+        [
+            {"role": "user", "content": "One"},
+            {"role": "user", "content": [text("Two"), text("Three")]},
+            {"role": "assistant", "content": "Four"},
+            {"role": "assistant", "content": [text("Five")]},
+            {"role": "user", "content": "Six"},
+        ]
+    )
+
+    assert request["messages"] == [
+        {"role": "user", "content": [text("One"), text("Two"), text("Three")]},
+        {"role": "assistant", "content": [text("Four"), text("Five")]},
+        {"role": "user", "content": [text("Six")]},
+    ]
+
+
+def test_request_drops_empty_messages() -> None:
+    request = convert_messages(
+        [
+            {"role": "user", "content": "One"},
+            {"role": "assistant", "content": ""},
+            {"role": "user", "content": [text(""), text("Two")]},
+        ]
+    )
+
+    assert request["messages"] == [{"role": "user", "content": [text("One"), text("Two")]}]
+
+
+@pytest.mark.parametrize(
+    ("url", "source"),
+    [
+        (f"data:image/png;base64,{PNG_BASE64}", {"type": "base64", "media_type": "image/png", "data": PNG_BASE64}),
+        (f"data:image/jpg;base64,{PNG_BASE64}", {"type": "base64", "media_type": "image/jpeg", "data": PNG_BASE64}),
+        (f"data:IMAGE/WEBP;base64,{PNG_BASE64}", {"type": "base64", "media_type": "image/webp", "data": PNG_BASE64}),
+        (f"data:image/gif;name=a.gif;base64,{PNG_BASE64}", {"type": "base64", "media_type": "image/gif", "data": PNG_BASE64}),
+        ("https://example.com/cat.png", {"type": "url", "url": "https://example.com/cat.png"}),
+        ("http://example.com/cat.png", {"type": "url", "url": "http://example.com/cat.png"}),
+        ("HTTPS://example.com/cat.png", {"type": "url", "url": "HTTPS://example.com/cat.png"}),
+    ],
+)
+def test_request_image_part_mapping(url: str, source: dict[str, Any]) -> None:
+    content = [text("What is this?"), {"type": "image_url", "image_url": {"url": url, "detail": "high"}}]
+
+    request = convert_messages([{"role": "user", "content": content}])
+
+    assert request["messages"][0]["content"] == [text("What is this?"), {"type": "image", "source": source}]
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": {"url": "ftp://example.com/cat.png"}},
+        {"type": "image_url", "image_url": {"url": "file:///tmp/cat.png"}},
+        {"type": "image_url", "image_url": {"url": "cat.png"}},
+        {"type": "image_url", "image_url": {"url": "data:image/png," + PNG_BASE64}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64"}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,"}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@not base64@@"}},
+        {"type": "image_url", "image_url": {"url": f"data:image/tiff;base64,{PNG_BASE64}"}},
+        {"type": "image_url", "image_url": {"url": f"data:text/plain;base64,{PNG_BASE64}"}},
+        {"type": "image_url", "image_url": "https://example.com/cat.png"},
+        {"type": "image_url"},
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+        {"type": "file", "file": {"file_id": "file-1"}},
+        {"type": "text"},
+        {"text": "no type"},
+        "bare string",
+    ],
+)
+def test_request_rejects_bad_user_part(part: object) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "user", "content": [text("Look:"), part]},
+        ],
+    }
+
+    assert rejected_param(body) == "messages[2].content[1]"
+
+
+def test_request_assistant_tool_calls() -> None:
+    request = convert_messages(
+        [
+            {"role": "user", "content": "Weather in Paris and Rome?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}},
+                    {"id": "call_2", "function": {"name": "weather", "arguments": '{"city": "Rome"}'}},
+                ],
+            },
+        ]
+    )
+
+    assert request["messages"][1] == {
+        "role": "assistant",
+        "content": [
+            {"type": "tool_use", "id": "call_1", "name": "weather", "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "call_2", "name": "weather", "input": {"city": "Rome"}},
+        ],
+    }
+
+
+def test_request_assistant_text_before_tools() -> None:
+    request = convert_messages(
+        [
+            {"role": "user", "content": "Weather?"},
+            {
+                "role": "assistant",
+                "content": [text("Checking."), {"type": "refusal", "refusal": "Not that."}],
+                "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}],
+            },
+        ]
+    )
+
+    assert request["messages"][1]["content"] == [
+        text("Checking."),
+        text("Not that."),
+        {"type": "tool_use", "id": "call_1", "name": "weather", "input": {}},
+    ]
+
+
+ARGUMENTS_PARAM = "messages[1].tool_calls[0].function.arguments"
+
+
+@pytest.mark.parametrize(
+    ("tool_call", "param"),
+    [
+        ({"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "not json"}}, ARGUMENTS_PARAM),
+        ({"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "[1, 2]"}}, ARGUMENTS_PARAM),
+        ({"id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}, ARGUMENTS_PARAM),
+        ({"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}, ARGUMENTS_PARAM),
+        ({"id": "call_1", "type": "function", "function": {"name": "f"}}, ARGUMENTS_PARAM),
+        ({"id": "", "type": "function", "function": {"name": "f", "arguments": "{}"}}, "messages[1].tool_calls[0].id"),
+        ({"id": "call_1", "type": "function", "function": {"arguments": "{}"}}, "messages[1].tool_calls[0].function.name"),
+        ({"id": "call_1", "type": "custom", "custom": {"name": "f", "input": "x"}}, "messages[1].tool_calls[0]"),
+        ({"id": "call_1", "type": "function"}, "messages[1].tool_calls[0].function"),
+        ("call_1", "messages[1].tool_calls[0]"),
+    ],
+)
+def test_request_rejects_bad_tool_call(tool_call: object, param: str) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": None, "tool_calls": [tool_call]},
+        ],
+    }
+
+    assert rejected_param(body) == param
+
+
+def test_request_rejects_tool_calls_object() -> None:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": {"id": "call_1"}}],
+    }
+
+    assert rejected_param(body) == "messages[1].tool_calls"
+
+
+def test_request_tool_results_merge_into_user() -> None:
+    request = convert_messages(
+        [
+            {"role": "user", "content": "Weather in Paris and Rome?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}},
+                    {"id": "call_2", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Rome"}'}},
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+            {"role": "tool", "tool_call_id": "call_2", "content": [text("21 C"), text("sunny")]},
+            {"role": "user", "content": "Which is warmer?"},
+        ]
+    )
+
+    assert len(request["messages"]) == 3
+    assert request["messages"][2] == {
+        "role": "user",
+        "content": [
+            {"type": "tool_result", "tool_use_id": "call_1", "content": "18 C"},
+            {"type": "tool_result", "tool_use_id": "call_2", "content": [text("21 C"), text("sunny")]},
+            text("Which is warmer?"),
+        ],
+    }
+
+
+def test_request_empty_tool_result_omits_content() -> None:
+    request = convert_messages(
+        [
+            {"role": "user", "content": "Run it"},
+            {
+                "role": "assistant",
+                "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "run", "arguments": "{}"}}],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": ""},
+        ]
+    )
+
+    assert request["messages"][2] == {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1"}]}
+
+
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        ({"role": "tool", "content": "18 C"}, "messages[1].tool_call_id"),
+        ({"role": "tool", "tool_call_id": "", "content": "18 C"}, "messages[1].tool_call_id"),
+        ({"role": "tool", "tool_call_id": "call_1", "content": 18}, "messages[1].content"),
+        (
+            {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "image_url", "image_url": {"url": "https://x"}}]},
+            "messages[1].content[0]",
+        ),
+        ({"role": "function", "name": "weather", "content": "18 C"}, "messages[1].role"),
+        ({"role": "robot", "content": "beep"}, "messages[1].role"),
+        ({"content": "no role"}, "messages[1].role"),
+        ({"role": "assistant", "content": 5}, "messages[1].content"),
+        ({"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "https://x"}}]}, "messages[1].content[0]"),
+        ({"role": "user", "content": None}, "messages[1].content"),
+    ],
+)
+def test_request_rejects_bad_message(message: dict[str, Any], param: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}, message]}
+
+    assert rejected_param(body) == param
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "system", "content": "Be brief."}],
+        [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": ""}],
+        [{"role": "assistant", "content": None}],
+    ],
+)
+def test_request_rejects_empty_conversation(messages: list[Any]) -> None:
+    assert rejected_param({"model": MODEL, "messages": messages}) == "messages"
+
+
+def test_request_rejects_leading_assistant() -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Hi"},
+    ]
+
+    assert rejected_param({"model": MODEL, "messages": messages}) == "messages"
+
+
+@pytest.mark.parametrize(
+    ("fields", "max_tokens"),
+    [
+        ({}, DEFAULT_MAX_TOKENS),
+        ({"max_tokens": 100}, 100),
+        ({"max_completion_tokens": 200}, 200),
+        ({"max_tokens": 100, "max_completion_tokens": 200}, 200),
+        ({"max_tokens": None, "max_completion_tokens": None}, DEFAULT_MAX_TOKENS),
+        ({"max_tokens": 100, "max_completion_tokens": None}, 100),
+    ],
+)
+def test_request_max_tokens_selection(fields: dict[str, Any], max_tokens: int) -> None:
+    assert convert(**fields)["max_tokens"] == max_tokens
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -5}, "max_tokens"),
+        ({"max_tokens": 1.5}, "max_tokens"),
+        ({"max_tokens": "100"}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"max_tokens": 100, "max_completion_tokens": "200"}, "max_completion_tokens"),
+        ({"max_tokens": -1, "max_completion_tokens": 200}, "max_tokens"),
+    ],
+)
+def test_request_rejects_bad_max_tokens(fields: dict[str, Any], param: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **fields}
+
+    assert rejected_param(body) == param
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"temperature": 0.5}, {"temperature": 0.5}),
+        ({"temperature": 0}, {"temperature": 0}),
+        ({"top_p": 0.9}, {"top_p": 0.9}),
+        ({"temperature": None, "top_p": None}, {}),
+        ({"stop": "END"}, {"stop_sequences": ["END"]}),
+        ({"stop": ["END", "\n\n"]}, {"stop_sequences": ["END", "\n\n"]}),
+        ({"stop": None}, {}),
+        ({"stop": []}, {}),
+        ({"stream": True}, {"stream": True}),
+        ({"stream": False}, {}),
+        ({"user": "user-42"}, {"metadata": {"user_id": "user-42"}}),
+        ({"user": ""}, {}),
+    ],
+)
+def test_request_sampling_params_mapping(fields: dict[str, Any], expected: dict[str, Any]) -> None:
+    request = convert(**fields)
+    optional = {key: value for key, value in request.items() if key not in ("model", "max_tokens", "messages")}
+
+    assert optional == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"top_p": [0.9]}, "top_p"),
+        ({"stop": 5}, "stop"),
+        ({"stop": ["END", 5]}, "stop"),
+        ({"stream": "yes"}, "stream"),
+        ({"user": 42}, "user"),
+    ],
+)
+def test_request_rejects_bad_sampling_params(fields: dict[str, Any], param: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **fields}
+
+    assert rejected_param(body) == param
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "Current weather for a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_request_tools_mapping() -> None:
+    clock_tool = {"type": "function", "function": {"name": "clock"}}
+
+    request = convert(tools=[WEATHER_TOOL, clock_tool])
+
+    assert request["tools"] == [
+        {
+            "name": "weather",
+            "description": "Current weather for a city.",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+        {"name": "clock", "input_schema": {"type": "object", "properties": {}}},
+    ]
+    assert "tool_choice" not in request
+
+
+def test_request_empty_tools_omitted() -> None:
+    request = convert(tools=[])
+
+    assert "tools" not in request
+
+
+@pytest.mark.parametrize(
+    ("tool", "param"),
+    [
+        ({"type": "custom", "custom": {"name": "grammar"}}, "tools[1]"),
+        ({"function": {"name": "f"}}, "tools[1]"),
+        ({"type": "function"}, "tools[1].function"),
+        ({"type": "function", "function": {"name": ""}}, "tools[1].function.name"),
+        ({"type": "function", "function": {"name": "f", "description": 5}}, "tools[1].function.description"),
+        ({"type": "function", "function": {"name": "f", "parameters": "{}"}}, "tools[1].function.parameters"),
+    ],
+)
+def test_request_rejects_bad_tool(tool: object, param: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "tools": [WEATHER_TOOL, tool]}
+
+    assert rejected_param(body) == param
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "expected"),
+    [
+        ("auto", {"type": "auto"}),
+        ("required", {"type": "any"}),
+        ("none", {"type": "none"}),
+        ({"type": "function", "function": {"name": "weather"}}, {"type": "tool", "name": "weather"}),
+    ],
+)
+def test_request_tool_choice_mapping(tool_choice: object, expected: dict[str, Any]) -> None:
+    request = convert(tools=[WEATHER_TOOL], tool_choice=tool_choice)
+
+    assert request["tool_choice"] == expected
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "expected"),
+    [
+        (None, {"type": "auto", "disable_parallel_tool_use": True}),
+        ("auto", {"type": "auto", "disable_parallel_tool_use": True}),
+        ("required", {"type": "any", "disable_parallel_tool_use": True}),
+        ("none", {"type": "none"}),
+        (
+            {"type": "function", "function": {"name": "weather"}},
+            {"type": "tool", "name": "weather", "disable_parallel_tool_use": True},
+        ),
+    ],
+)
+def test_request_parallel_tool_calls_disabled(tool_choice: object, expected: dict[str, Any]) -> None:
+    request = convert(tools=[WEATHER_TOOL], tool_choice=tool_choice, parallel_tool_calls=False)
+
+    assert request["tool_choice"] == expected
+
+
+def test_request_parallel_tool_calls_enabled() -> None:
+    request = convert(tools=[WEATHER_TOOL], parallel_tool_calls=True)
+
+    assert "tool_choice" not in request
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", "none"])
+def test_request_tool_choice_without_tools_dropped(tool_choice: str) -> None:
+    request = convert(tool_choice=tool_choice, parallel_tool_calls=False)
+
+    assert "tool_choice" not in request
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "weather"}}}, "tool_choice"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "clock"}}}, "tool_choice"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function"}}, "tool_choice"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "allowed_tools", "allowed_tools": {}}}, "tool_choice"),
+        ({"tools": [WEATHER_TOOL], "parallel_tool_calls": "no"}, "parallel_tool_calls"),
+        ({"tools": {"weather": WEATHER_TOOL}}, "tools"),
+    ],
+)
+def test_request_rejects_bad_tool_choice(fields: dict[str, Any], param: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **fields}
+
+    assert rejected_param(body) == param
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("n", 2),
+        ("n", 0),
+        ("logprobs", True),
+        ("top_logprobs", 3),
+        ("top_logprobs", 0),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("modalities", ["text", "audio"]),
+        ("modalities", ["audio"]),
+        ("response_format", {"type": "json_object"}),
+        ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+        ("functions", [{"name": "weather", "parameters": {}}]),
+        ("function_call", "auto"),
+        ("logit_bias", {"50256": -100}),
+        ("prediction", {"type": "content", "content": "draft"}),
+    ],
+)
+def test_request_rejects_unsupported_param(name: str, value: object) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], name: value}
+
+    assert rejected_param(body) == name
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("n", 1),
+        ("n", None),
+        ("logprobs", False),
+        ("top_logprobs", None),
+        ("audio", None),
+        ("modalities", ["text"]),
+        ("response_format", {"type": "text"}),
+        ("functions", None),
+        ("function_call", None),
+        ("logit_bias", {}),
+        ("logit_bias", None),
+        ("prediction", None),
+    ],
+)
+def test_request_accepts_default_param_values(name: str, value: object) -> None:
+    assert convert(**{name: value}) == convert()
+
+
+def test_request_ignores_harmless_fields() -> None:
+    request = convert(
+        seed=7,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        store=True,
+        metadata={"session": "abc"},
+        service_tier="auto",
+        reasoning_effort="low",
+        stream_options={"include_usage": True},
+        some_future_field={"x": 1},
+    )
+
+    assert request == convert()
+
+
+# --- OpenAI compatibility: non-streaming response conversion ---
+
+
+def anthropic_message(**fields: Any) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "id": "msg_01ABC",
+        "type": "message",
+        "role": "assistant",
+        "model": MODEL,
+        "content": [{"type": "text", "text": "Hello"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 10, "output_tokens": 5},
+    }
+    message.update(fields)
+    return message
+
+
+def test_completion_text_message(fixed_clock: None) -> None:
+    completion = clove.chat_completion_from_message(anthropic_message())
+
+    assert completion == {
+        "id": "chatcmpl-msg_01ABC",
+        "object": "chat.completion",
+        "created": FIXED_TIME,
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello", "refusal": None},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": 10,
+            "completion_tokens": 5,
+            "total_tokens": 15,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        },
+    }
+
+
+def test_completion_joins_text_skips_thinking() -> None:
+    content = [
+        {"type": "thinking", "thinking": "Let me think.", "signature": "sig"},
+        {"type": "redacted_thinking", "data": "xxx"},
+        {"type": "text", "text": "Bonjour, "},
+        {"type": "text", "text": "日本"},
+    ]
+
+    message = clove.chat_completion_from_message(anthropic_message(content=content))["choices"][0]["message"]
+
+    assert message["content"] == "Bonjour, 日本"
+    assert "tool_calls" not in message
+
+
+def test_completion_tool_calls() -> None:
+    content = [
+        {"type": "text", "text": "Checking."},
+        {"type": "tool_use", "id": "toolu_01", "name": "weather", "input": {"city": "Paris"}},
+        {"type": "tool_use", "id": "toolu_02", "name": "clock", "input": {}},
+    ]
+
+    completion = clove.chat_completion_from_message(anthropic_message(content=content, stop_reason="tool_use"))
+    choice = completion["choices"][0]
+
+    assert choice["message"]["content"] == "Checking."
+    assert choice["message"]["tool_calls"] == [
+        {"id": "toolu_01", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "toolu_02", "type": "function", "function": {"name": "clock", "arguments": "{}"}},
+    ]
+    assert choice["finish_reason"] == "tool_calls"
+
+
+def test_completion_tool_only_content_none() -> None:
+    content = [{"type": "tool_use", "id": "toolu_01", "name": "clock", "input": {}}]
+
+    message = clove.chat_completion_from_message(anthropic_message(content=content))["choices"][0]["message"]
+
+    assert message["content"] is None
+
+
+@pytest.mark.parametrize(
+    ("stop_reason", "finish_reason"),
+    [
+        ("end_turn", "stop"),
+        ("stop_sequence", "stop"),
+        ("max_tokens", "length"),
+        ("tool_use", "tool_calls"),
+        ("refusal", "content_filter"),
+        ("pause_turn", "stop"),
+        (None, "stop"),
+        ("model_context_window_exceeded", "stop"),
+    ],
+)
+def test_completion_finish_reason_mapping(stop_reason: str | None, finish_reason: str) -> None:
+    completion = clove.chat_completion_from_message(anthropic_message(stop_reason=stop_reason))
+
+    assert completion["choices"][0]["finish_reason"] == finish_reason
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        (
+            {"input_tokens": 10, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 1000, "output_tokens": 7},
+            {"prompt_tokens": 1110, "completion_tokens": 7, "total_tokens": 1117, "prompt_tokens_details": {"cached_tokens": 1000}},
+        ),
+        (
+            {"input_tokens": 3, "cache_creation_input_tokens": None, "cache_read_input_tokens": None, "output_tokens": 2},
+            {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "prompt_tokens_details": {"cached_tokens": 0}},
+        ),
+        ({}, {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "prompt_tokens_details": {"cached_tokens": 0}}),
+    ],
+)
+def test_completion_usage_mapping(usage: dict[str, Any], expected: dict[str, Any]) -> None:
+    completion = clove.chat_completion_from_message(anthropic_message(usage=usage))
+
+    assert completion["usage"] == expected
+
+
+# --- OpenAI compatibility: streaming ---
+
+RECORDED_STREAM = (
+    "event: message_start\n"
+    'data: {"type":"message_start","message":{"id":"msg_01STREAM","type":"message","role":"assistant",'
+    '"model":"claude-sonnet-4-20250514","content":[],"stop_reason":null,"stop_sequence":null,'
+    '"usage":{"input_tokens":25,"cache_creation_input_tokens":10,"cache_read_input_tokens":5,"output_tokens":1}}}\n'
+    "\n"
+    ": upstream comment\n"
+    "event: content_block_start\n"
+    'data: {"type":"content_block_start","index":0,"content_block":{"type":"thinking","thinking":""}}\n'
+    "\n"
+    "event: content_block_delta\n"
+    'data: {"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"Weather tool."}}\n'
+    "\n"
+    "event: content_block_delta\n"
+    'data: {"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"c2ln"}}\n'
+    "\n"
+    "event: content_block_stop\n"
+    'data: {"type":"content_block_stop","index":0}\n'
+    "\n"
+    "event: content_block_start\n"
+    'data: {"type":"content_block_start","index":1,"content_block":{"type":"text","text":""}}\n'
+    "\n"
+    "event: ping\n"
+    'data: {"type": "ping"}\n'
+    "\n"
+    "event: content_block_delta\n"
+    'data: {"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":"Café in 日本"}}\n'
+    "\n"
+    "event: content_block_delta\n"
+    'data: {"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":" is open."}}\n'
+    "\n"
+    "event: content_block_stop\n"
+    'data: {"type":"content_block_stop","index":1}\n'
+    "\n"
+    "event: content_block_start\n"
+    'data: {"type":"content_block_start","index":2,"content_block":{"type":"tool_use","id":"toolu_01A","name":"weather","input":{}}}\n'
+    "\n"
+    "event: content_block_delta\n"
+    'data: {"type":"content_block_delta","index":2,"delta":{"type":"input_json_delta","partial_json":""}}\n'
+    "\n"
+    "event: content_block_delta\n"
+    'data: {"type":"content_block_delta","index":2,"delta":{"type":"input_json_delta","partial_json":"{\\"city\\": \\"Par"}}\n'
+    "\n"
+    "event: content_block_delta\n"
+    'data: {"type":"content_block_delta","index":2,"delta":{"type":"input_json_delta","partial_json":"is\\"}"}}\n'
+    "\n"
+    "event: content_block_stop\n"
+    'data: {"type":"content_block_stop","index":2}\n'
+    "\n"
+    "event: content_block_start\n"
+    'data: {"type":"content_block_start","index":3,"content_block":{"type":"tool_use","id":"toolu_01B","name":"clock","input":{}}}\n'
+    "\n"
+    "event: content_block_delta\n"
+    'data: {"type":"content_block_delta","index":3,"delta":{"type":"input_json_delta","partial_json":"{}"}}\n'
+    "\n"
+    "event: content_block_stop\n"
+    'data: {"type":"content_block_stop","index":3}\n'
+    "\n"
+    "event: message_delta\n"
+    'data: {"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},"usage":{"output_tokens":42}}\n'
+    "\n"
+    "event: message_stop\n"
+    'data: {"type":"message_stop"}\n'
+    "\n"
+)
+
+LINE_ENDINGS = {"lf": "\n", "crlf": "\r\n", "cr": "\r"}
+
+
+def recorded_stream(line_ending: str) -> bytes:
+    return RECORDED_STREAM.replace("\n", LINE_ENDINGS[line_ending]).encode("utf-8")
+
+
+def translate(pieces: list[bytes], include_usage: bool = False) -> bytes:
+    translator = clove.ChatStreamTranslator(MODEL, include_usage)
+    output = b"".join(translator.feed(piece) for piece in pieces)
+    return output + translator.finish()
+
+
+def parse_sse(output: bytes) -> list[Any]:
+    """Decode OpenAI SSE output into JSON payloads, with "[DONE]" kept as a string."""
+    text_output = output.decode("utf-8")
+    assert text_output.endswith("\n\n")
+    events = []
+    for event in text_output[:-2].split("\n\n"):
+        assert event.startswith("data: ")
+        payload = event[len("data: "):]
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def deltas(events: list[Any]) -> list[dict[str, Any]]:
+    return [event["choices"][0]["delta"] for event in events if isinstance(event, dict) and event.get("choices")]
+
+
+def test_stream_recorded_output(fixed_clock: None) -> None:
+    events = parse_sse(translate([recorded_stream("lf")]))
+
+    assert events[-1] == "[DONE]"
+    assert all(event["id"] == "chatcmpl-msg_01STREAM" for event in events[:-1])
+    assert all(event["object"] == "chat.completion.chunk" for event in events[:-1])
+    assert all(event["created"] == FIXED_TIME for event in events[:-1])
+    assert all(event["model"] == MODEL for event in events[:-1])
+    assert all("usage" not in event for event in events[:-1])
+    assert deltas(events) == [
+        {"role": "assistant", "content": ""},
+        {"content": "Café in 日本"},
+        {"content": " is open."},
+        {"tool_calls": [{"index": 0, "id": "toolu_01A", "type": "function", "function": {"name": "weather", "arguments": ""}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Par'}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": 'is"}'}}]},
+        {"tool_calls": [{"index": 1, "id": "toolu_01B", "type": "function", "function": {"name": "clock", "arguments": ""}}]},
+        {"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]},
+        {},
+    ]
+
+
+def test_stream_chunk_choice_fields() -> None:
+    events = parse_sse(translate([recorded_stream("lf")]))
+    choices = [event["choices"] for event in events[:-1]]
+
+    assert all(len(choice) == 1 for choice in choices)
+    assert all(choice[0]["index"] == 0 for choice in choices)
+    assert all(choice[0]["logprobs"] is None for choice in choices)
+    assert [choice[0]["finish_reason"] for choice in choices] == [None] * 8 + ["tool_calls"]
+
+
+@pytest.mark.parametrize("line_ending", ["crlf", "cr"])
+def test_stream_line_endings_match_lf(line_ending: str, fixed_clock: None) -> None:
+    expected = translate([recorded_stream("lf")])
+
+    assert translate([recorded_stream(line_ending)]) == expected
+
+
+@pytest.mark.parametrize("line_ending", ["lf", "crlf", "cr"])
+def test_stream_two_piece_splits(line_ending: str, fixed_clock: None) -> None:
+    stream = recorded_stream(line_ending)
+    expected = parse_sse(translate([stream]))
+
+    for offset in range(len(stream) + 1):
+        events = parse_sse(translate([stream[:offset], stream[offset:]]))
+        assert events == expected, f"split at byte {offset}"
+
+
+@pytest.mark.parametrize("line_ending", ["lf", "crlf", "cr"])
+def test_stream_one_byte_feeds(line_ending: str, fixed_clock: None) -> None:
+    stream = recorded_stream(line_ending)
+    expected = parse_sse(translate([stream]))
+
+    events = parse_sse(translate([stream[i:i + 1] for i in range(len(stream))]))
+
+    assert events == expected
+
+
+def parse_upstream(pieces: list[bytes]) -> list[tuple[str, str]]:
+    parser = clove._SseParser()
+    events = [event for piece in pieces for event in parser.feed(piece)]
+    events.extend(parser.close())
+    return [(event.name, event.data) for event in events]
+
+
+@pytest.mark.parametrize("line_ending", ["lf", "crlf", "cr"])
+def test_sse_parser_two_piece_splits(line_ending: str) -> None:
+    stream = recorded_stream(line_ending)
+    expected = parse_upstream([stream])
+
+    assert len(expected) == 20
+    assert expected[0][0] == "message_start"
+    assert expected[-1] == ("message_stop", '{"type":"message_stop"}')
+    for offset in range(len(stream) + 1):
+        events = parse_upstream([stream[:offset], stream[offset:]])
+        assert events == expected, f"split at byte {offset}"
+
+
+def test_sse_parser_field_rules() -> None:
+    stream = (
+        b": comment line\n"
+        b"event: first\n"
+        b"data: line one\n"
+        b"data:line two\n"
+        b"id: 7\n"
+        b"retry: 100\n"
+        b"\n"
+        b"event: without data\n"
+        b"\n"
+        b"data\n"
+        b"\n"
+        b"data: unterminated"
+    )
+
+    events = parse_upstream([stream])
+
+    assert events == [("first", "line one\nline two"), ("message", "")]
+
+
+def test_stream_splits_multibyte_char() -> None:
+    stream = recorded_stream("lf")
+    offset = stream.index("日".encode()) + 1
+    translator = clove.ChatStreamTranslator(MODEL, False)
+
+    first = translator.feed(stream[:offset])
+    rest = translator.feed(stream[offset:]) + translator.finish()
+
+    assert deltas(parse_sse(first)) == [{"role": "assistant", "content": ""}]
+    assert deltas(parse_sse(rest))[0] == {"content": "Café in 日本"}
+
+
+def test_stream_include_usage_on() -> None:
+    events = parse_sse(translate([recorded_stream("crlf")], include_usage=True))
+
+    assert events[-1] == "[DONE]"
+    assert all(event["usage"] is None for event in events[:-2])
+    assert events[-2]["choices"] == []
+    assert events[-2]["id"] == "chatcmpl-msg_01STREAM"
+    assert events[-2]["usage"] == {
+        "prompt_tokens": 40,
+        "completion_tokens": 42,
+        "total_tokens": 82,
+        "prompt_tokens_details": {"cached_tokens": 5},
+    }
+    assert events[-3]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_stream_include_usage_off() -> None:
+    events = parse_sse(translate([recorded_stream("crlf")], include_usage=False))
+
+    assert all("usage" not in event for event in events[:-1])
+    assert all(event["choices"] for event in events[:-1])
+
+
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+MESSAGE_START = sse(
+    "message_start",
+    {"type": "message_start", "message": {"id": "msg_1", "model": MODEL, "usage": {"input_tokens": 3, "output_tokens": 1}}},
+)
+TEXT_START = sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+TEXT_DELTA = sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}})
+MESSAGE_STOP = sse("message_stop", {"type": "message_stop"})
+OVERLOADED = sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+
+
+def test_stream_error_event_without_done() -> None:
+    events = parse_sse(translate([MESSAGE_START, TEXT_START, TEXT_DELTA, OVERLOADED]))
+
+    assert "[DONE]" not in events
+    assert deltas(events) == [{"role": "assistant", "content": ""}, {"content": "Hi"}]
+    assert events[-1] == {"error": {"message": "Overloaded", "type": "server_error", "param": None, "code": "overloaded"}}
+
+
+def test_stream_ignores_input_after_error() -> None:
+    translator = clove.ChatStreamTranslator(MODEL, False)
+    translator.feed(MESSAGE_START + OVERLOADED)
+
+    assert translator.feed(TEXT_DELTA + MESSAGE_STOP) == b""
+    assert translator.finish() == b""
+    assert translator.fail("late") == b""
+
+
+def test_stream_error_in_same_feed_stops() -> None:
+    output = translate([MESSAGE_START + OVERLOADED + TEXT_DELTA + MESSAGE_STOP])
+    events = parse_sse(output)
+
+    assert "[DONE]" not in events
+    assert "error" in events[-1]
+    assert len(deltas(events)) == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "expected_type"),
+    [
+        ({"type": "api_error", "message": "Internal"}, "server_error"),
+        ({"type": "rate_limit_error", "message": "Slow down"}, "rate_limit_error"),
+        ({"type": "invalid_request_error", "message": "Bad"}, "invalid_request_error"),
+        ({"type": "brand_new_error", "message": "New"}, "server_error"),
+    ],
+)
+def test_stream_error_type_mapping(error: dict[str, Any], expected_type: str) -> None:
+    events = parse_sse(translate([sse("error", {"type": "error", "error": error})]))
+
+    assert events == [{"error": {"message": error["message"], "type": expected_type, "param": None, "code": None}}]
+
+
+@pytest.mark.parametrize(
+    "upstream",
+    [
+        b"",
+        MESSAGE_START,
+        MESSAGE_START + TEXT_START + TEXT_DELTA,
+        MESSAGE_START + TEXT_START + TEXT_DELTA + b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n",
+    ],
+)
+def test_stream_truncated_finish_errors(upstream: bytes) -> None:
+    events = parse_sse(translate([upstream]))
+
+    assert "[DONE]" not in events
+    assert events[-1]["error"]["type"] == "server_error"
+    assert "ended before message_stop" in events[-1]["error"]["message"]
+
+
+def test_stream_finish_accepts_trailing_cr() -> None:
+    stream = recorded_stream("cr")
+    translator = clove.ChatStreamTranslator(MODEL, False)
+
+    output = translator.feed(stream) + translator.finish()
+
+    assert parse_sse(output)[-1] == "[DONE]"
+
+
+def test_stream_fail_emits_error() -> None:
+    translator = clove.ChatStreamTranslator(MODEL, True)
+    output = translator.feed(MESSAGE_START + TEXT_START + TEXT_DELTA)
+
+    failure = translator.fail("Upstream read timed out after 600 s.")
+
+    assert "[DONE]" not in parse_sse(output)
+    assert parse_sse(failure) == [
+        {"error": {"message": "Upstream read timed out after 600 s.", "type": "server_error", "param": None, "code": None}}
+    ]
+    assert translator.finish() == b""
+
+
+def test_stream_fail_after_done_empty() -> None:
+    translator = clove.ChatStreamTranslator(MODEL, False)
+    translator.feed(MESSAGE_START + MESSAGE_STOP)
+
+    assert translator.fail("connection reset") == b""
+    assert translator.finish() == b""
+
+
+def test_stream_ignores_input_after_done() -> None:
+    translator = clove.ChatStreamTranslator(MODEL, False)
+    translator.feed(MESSAGE_START + MESSAGE_STOP)
+
+    assert translator.feed(TEXT_DELTA) == b""
+
+
+def test_stream_multiline_data_joined() -> None:
+    message_start = b'event: message_start\ndata: {"type": "message_start",\ndata:  "message": {"id": "msg_2"}}\n\n'
+    comment = b": keep-alive\n\n"
+
+    events = parse_sse(translate([message_start, comment, MESSAGE_STOP]))
+
+    assert events[0]["id"] == "chatcmpl-msg_2"
+    assert events[-1] == "[DONE]"
+
+
+def test_stream_uses_constructor_model_fallback() -> None:
+    message_start = sse("message_start", {"type": "message_start", "message": {"id": "msg_3"}})
+
+    events = parse_sse(translate([message_start, MESSAGE_STOP]))
+
+    assert events[0]["model"] == MODEL
+
+
+def test_stream_invalid_json_errors() -> None:
+    events = parse_sse(translate([MESSAGE_START, b"event: content_block_delta\ndata: {not json\n\n", MESSAGE_STOP]))
+
+    assert "[DONE]" not in events
+    assert "content_block_delta" in events[-1]["error"]["message"]
+
+
+def test_stream_unknown_event_skipped() -> None:
+    unknown = sse("future_event", {"type": "future_event", "value": 1})
+
+    events = parse_sse(translate([MESSAGE_START, unknown, MESSAGE_STOP]))
+
+    assert events[-1] == "[DONE]"
+    assert len(events) == 3
+
+
+@pytest.mark.parametrize(
+    ("stop_reason", "finish_reason"),
+    [("end_turn", "stop"), ("max_tokens", "length"), ("refusal", "content_filter"), (None, "stop")],
+)
+def test_stream_finish_reason_mapping(stop_reason: str | None, finish_reason: str) -> None:
+    delta = {"type": "message_delta", "delta": {"stop_reason": stop_reason}, "usage": {"output_tokens": 2}}
+    message_delta = sse("message_delta", delta)
+
+    events = parse_sse(translate([MESSAGE_START, message_delta, MESSAGE_STOP]))
+
+    assert events[-2]["choices"][0]["finish_reason"] == finish_reason
+
+
+# --- OpenAI compatibility: models ---
+
+
+def test_models_list_mapping() -> None:
+    upstream = {
+        "data": [
+            {
+                "type": "model",
+                "id": "claude-3-7-sonnet-20250219",
+                "display_name": "Claude Sonnet 3.7",
+                "created_at": "2025-02-19T00:00:00Z",
+            },
+            {"type": "model", "id": "claude-x", "display_name": "Claude X", "created_at": "soon"},
+        ],
+        "has_more": True,
+        "first_id": "claude-3-7-sonnet-20250219",
+        "last_id": "claude-x",
+    }
+
+    assert clove.models_list_for_both(upstream) == {
+        "object": "list",
+        "data": [
+            {
+                "type": "model",
+                "id": "claude-3-7-sonnet-20250219",
+                "display_name": "Claude Sonnet 3.7",
+                "created_at": "2025-02-19T00:00:00Z",
+                "object": "model",
+                "created": 1739923200,
+                "owned_by": "anthropic",
+            },
+            {
+                "type": "model",
+                "id": "claude-x",
+                "display_name": "Claude X",
+                "created_at": "soon",
+                "object": "model",
+                "created": 0,
+                "owned_by": "anthropic",
+            },
+        ],
+        "has_more": True,
+        "first_id": "claude-3-7-sonnet-20250219",
+        "last_id": "claude-x",
+    }
+
+
+@pytest.mark.parametrize(
+    ("created_at", "created"),
+    [
+        ("2025-02-19T00:00:00Z", 1739923200),
+        ("2025-02-19T00:00:00+00:00", 1739923200),
+        ("2025-02-19T01:00:00+01:00", 1739923200),
+        ("2025-02-19T00:00:00", 1739923200),
+        ("2025-02-19T00:00:00.500Z", 1739923200),
+        ("", 0),
+        ("yesterday", 0),
+        (None, 0),
+        (1739923200, 0),
+    ],
+)
+def test_models_created_parsing(created_at: object, created: int) -> None:
+    result = clove.models_list_for_both({"data": [{"id": "m", "created_at": created_at}]})
+
+    assert result["data"][0]["created"] == created
+
+
+def test_models_empty_upstream() -> None:
+    assert clove.models_list_for_both({}) == {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
+
+
+# --- OpenAI compatibility: errors ---
+
+
+def test_error_body_shape() -> None:
+    body = clove.openai_error_body("Invalid 'model'.", "invalid_request_error", "model", "bad_model")
+
+    assert body == {"error": {"message": "Invalid 'model'.", "type": "invalid_request_error", "param": "model", "code": "bad_model"}}
+
+
+def test_error_body_defaults_null() -> None:
+    body = clove.openai_error_body("Boom", "server_error")
+
+    assert body["error"]["param"] is None
+    assert body["error"]["code"] is None
+
+
+@pytest.mark.parametrize(
+    ("status", "anthropic_type", "error_type", "code"),
+    [
+        (400, "invalid_request_error", "invalid_request_error", None),
+        (401, "authentication_error", "authentication_error", None),
+        (403, "permission_error", "permission_error", None),
+        (404, "not_found_error", "not_found_error", None),
+        (413, "request_too_large", "invalid_request_error", "request_too_large"),
+        (429, "rate_limit_error", "rate_limit_error", None),
+        (500, "api_error", "server_error", None),
+        (529, "overloaded_error", "server_error", "overloaded"),
+        (418, "teapot_error", "invalid_request_error", None),
+        (503, "brand_new_error", "server_error", None),
+    ],
+)
+def test_error_from_anthropic_mapping(status: int, anthropic_type: str, error_type: str, code: str | None) -> None:
+    upstream = {"type": "error", "error": {"type": anthropic_type, "message": "Details here."}, "request_id": "req_1"}
+
+    body = clove.openai_error_from_anthropic(status, json.dumps(upstream).encode())
+
+    assert body == {"error": {"message": "Details here.", "type": error_type, "param": None, "code": code}}
+
+
+@pytest.mark.parametrize(
+    ("status", "upstream", "error_type", "code"),
+    [
+        (502, b"<html><body><h1>502 Bad Gateway</h1></body></html>", "server_error", None),
+        (529, b"Overloaded", "server_error", "overloaded"),
+        (429, b"", "rate_limit_error", None),
+        (401, b'{"detail": "no"}', "authentication_error", None),
+        (400, b"[1, 2]", "invalid_request_error", None),
+        (500, b"\xff\xfe broken", "server_error", None),
+    ],
+)
+def test_error_from_unexpected_body(status: int, upstream: bytes, error_type: str, code: str | None) -> None:
+    error = clove.openai_error_from_anthropic(status, upstream)["error"]
+
+    assert f"HTTP {status}" in error["message"]
+    assert error["type"] == error_type
+    assert error["code"] == code
+    assert error["param"] is None
+
+
+def test_error_html_body_excerpt() -> None:
+    page = b"<html>\n  <body>\n" + b"x" * 1000 + b"\n</body></html>"
+
+    message = clove.openai_error_from_anthropic(502, page)["error"]["message"]
+
+    assert "<html> <body> xxx" in message
+    assert message.endswith("...")
+    assert len(message) < 300
+
+
+def test_error_missing_message_uses_status() -> None:
+    upstream = b'{"type": "error", "error": {"type": "api_error"}}'
+
+    error = clove.openai_error_from_anthropic(500, upstream)["error"]
+
+    assert "HTTP 500" in error["message"]
+    assert error["type"] == "server_error"
+
+
 # --- End to end: a real clove process, a fake upstream on loopback, the anthropic SDK ---
 
 
