@@ -294,6 +294,13 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "Largest request body accepted, in bytes (the Messages API's own limit is 32 MiB).",
     ),
     SettingSpec(
+        "DEFAULT_MAX_TOKENS",
+        ("default_max_tokens",),
+        _make_int_parser(1, 1_000_000),
+        "8192",
+        "max_tokens sent upstream when a /v1/chat/completions request sets no token limit.",
+    ),
+    SettingSpec(
         "CONNECT_TIMEOUT",
         ("connect_timeout",),
         _make_float_parser(0.1, 300),
@@ -351,6 +358,7 @@ class Settings:
     retry_delay: float = 1.0
     refresh_leeway_seconds: int = 300
     max_body_bytes: int = 32 * 1024 * 1024
+    default_max_tokens: int = 8192
     connect_timeout: float = 10.0
     read_timeout: float = 600.0
     token_timeout: float = 30.0

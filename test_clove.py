@@ -255,6 +255,8 @@ def test_settings_expand_home_in_paths(tmp_path: Path) -> None:
         ("RETRY_DELAY", "soon", "invalid RETRY_DELAY 'soon': expected a number of seconds from 0 to 60"),
         ("RETRY_DELAY", "nan", "invalid RETRY_DELAY 'nan': expected a number of seconds from 0 to 60"),
         ("MAX_RETRIES", "0", "invalid MAX_RETRIES '0': expected a whole number from 1 to 20"),
+        ("DEFAULT_MAX_TOKENS", "0", "invalid DEFAULT_MAX_TOKENS '0': expected a whole number from 1 to 1000000"),
+        ("DEFAULT_MAX_TOKENS", "lots", "invalid DEFAULT_MAX_TOKENS 'lots': expected a whole number from 1 to 1000000"),
         ("CLAUDE_API_BASEURL", "api.anthropic.com", "invalid CLAUDE_API_BASEURL 'api.anthropic.com': expected an http"),
     ],
 )
