@@ -1200,21 +1200,46 @@ class StreamedUpstreamResponse:
             self.on_close(outcome)
 
     async def _relay(self, send: Send) -> str:
-        headers = response_headers_for_client(self.upstream)
-        await send({"type": "http.response.start", "status": self.upstream.status_code, "headers": headers})
-        outcome = "complete"
+        await send({"type": "http.response.start", "status": self.upstream.status_code, "headers": self.client_headers()})
         try:
             async for chunk in self.upstream.aiter_bytes():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await _send_body(send, self.convert(chunk))
+            await _send_body(send, self.finish())
+            outcome = self.outcome()
         except httpx.TransportError as exc:
             reason = describe_transport_error(exc)
             outcome = "upstream failed mid-stream: " + reason
             logger.error("Upstream stream broke after the response started: %s", reason)
-            if self.upstream.headers.get("content-type", "").startswith("text/event-stream"):
-                message = f"The upstream stream broke: {reason}. The response is incomplete."
-                await send({"type": "http.response.body", "body": sse_error_event("api_error", message), "more_body": True})
+            await _send_body(send, self.failure_event(f"The upstream stream broke: {reason}. The response is incomplete."))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return outcome
+
+    # The methods below pass the upstream bytes through unchanged. A subclass that rewrites the
+    # stream overrides them.
+
+    def client_headers(self) -> list[tuple[bytes, bytes]]:
+        return response_headers_for_client(self.upstream)
+
+    def convert(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def finish(self) -> bytes:
+        """Return the bytes to send after the upstream body ended without a transport error."""
+        return b""
+
+    def outcome(self) -> str:
+        """Describe, for the request log line, how a stream that ended without a transport error went."""
+        return "complete"
+
+    def failure_event(self, message: str) -> bytes:
+        if self.upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            return sse_error_event("api_error", message)
+        return b""
+
+
+async def _send_body(send: Send, body: bytes) -> None:
+    if body:
+        await send({"type": "http.response.body", "body": body, "more_body": True})
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
@@ -2222,9 +2247,19 @@ class Proxy:
         return await self._forward(request, validate=False)
 
     async def models(self, request: Request) -> Response:
-        return await self._forward(request, validate=False)
+        if request.url.path == "/v1/models":
+            return await self._forward(request, validate=False, query=_models_query(request), convert=models_list_for_both)
+        return await self._forward(request, validate=False, convert=model_for_both)
 
-    async def _forward(self, request: Request, *, validate: bool) -> Response:
+    async def _forward(
+        self,
+        request: Request,
+        *,
+        validate: bool,
+        query: bytes | None = None,
+        convert: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> Response:
+        """Proxy the request unchanged; convert rewrites a successful JSON object reply."""
         started = time.perf_counter()
         self.check_api_key(request)
 
@@ -2236,53 +2271,238 @@ class Proxy:
         call = ProxyCall(
             method=request.method,
             path=request.url.path,
-            query=request.scope.get("query_string", b""),
+            query=request.scope.get("query_string", b"") if query is None else query,
             headers=request.scope["headers"],
             body=body,
             stream=stream,
         )
         upstream_response, attempts = await self.upstream.open(call)
-
-        def log_completion(outcome: str) -> None:
-            logger.info(
-                "%s %s -> %d, %d attempt%s, %.0f ms, request-id %s%s",
-                call.method,
-                call.path,
-                upstream_response.status_code,
-                attempts,
-                "" if attempts == 1 else "s",
-                (time.perf_counter() - started) * 1000,
-                upstream_response.headers.get("request-id", "-"),
-                "" if outcome == "complete" else ", " + outcome,
-            )
+        log_completion = _request_logger(request, upstream_response, attempts, started)
 
         if stream:
             return StreamedUpstreamResponse(upstream_response, log_completion)  # type: ignore[return-value]
         log_completion("complete")
         content = upstream_response.content
+        if convert is not None and upstream_response.status_code == 200:
+            content = _convert_json_object(content, convert)
         response = Response(content, status_code=upstream_response.status_code)
         # Raw pairs keep repeated upstream headers, which a mapping would merge.
         response.raw_headers = response_headers_for_client(upstream_response)
         response.raw_headers.append((b"content-length", str(len(content)).encode("ascii")))
         return response
 
+    async def chat_completions(self, request: Request) -> Response:
+        """Serve an OpenAI chat completions request through the Messages API."""
+        started = time.perf_counter()
+        self.check_api_key(request)
+
+        document = _decode_chat_request(await read_body(request, self.settings.max_body_bytes))
+        messages_body = chat_request_to_messages(document, self.settings.default_max_tokens)
+        include_usage = chat_stream_include_usage(document)
+        stream = messages_body.get("stream") is True
+
+        call = ProxyCall(
+            method="POST",
+            path="/v1/messages",
+            query=b"",
+            headers=chat_upstream_headers(request.scope["headers"]),
+            body=json.dumps(messages_body, ensure_ascii=False).encode("utf-8"),
+            stream=stream,
+        )
+        upstream_response, attempts = await self.upstream.open(call)
+        log_completion = _request_logger(request, upstream_response, attempts, started)
+
+        if upstream_response.status_code != 200:
+            return await _chat_error_response(upstream_response, log_completion)
+        if stream:
+            translator = ChatStreamTranslator(messages_body["model"], include_usage)
+            return ChatCompletionStream(upstream_response, log_completion, translator)  # type: ignore[return-value]
+        log_completion("complete")
+        return _chat_completion_response(upstream_response)
+
+
+def _request_logger(
+    request: Request, upstream_response: httpx.Response, attempts: int, started: float
+) -> Callable[[str], None]:
+    """Return a function that writes the one INFO line for this request, given how it ended."""
+
+    def log_completion(outcome: str) -> None:
+        logger.info(
+            "%s %s -> %d, %d attempt%s, %.0f ms, request-id %s%s",
+            request.method,
+            request.url.path,
+            upstream_response.status_code,
+            attempts,
+            "" if attempts == 1 else "s",
+            (time.perf_counter() - started) * 1000,
+            upstream_response.headers.get("request-id", "-"),
+            "" if outcome == "complete" else ", " + outcome,
+        )
+
+    return log_completion
+
+
+# OpenAI clients read the whole list from one response, but the Models API returns 20 models per
+# page unless limit is given. 1000 is its maximum (the anthropic SDK 2.17 documents 1 to 1000).
+MODELS_PAGE_LIMIT = 1000
+
+
+def _models_query(request: Request) -> bytes:
+    query: bytes = request.scope.get("query_string", b"")
+    if "limit" in request.query_params:
+        return query
+    return query + (b"&" if query else b"") + b"limit=%d" % MODELS_PAGE_LIMIT
+
+
+def _convert_json_object(content: bytes, convert: Callable[[dict[str, Any]], dict[str, Any]]) -> bytes:
+    try:
+        document = json.loads(content)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        logger.warning("Upstream returned a 200 reply that is not a JSON object; passing it on unchanged")
+        return content
+    return json.dumps(convert(document), ensure_ascii=False).encode("utf-8")
+
+
+# --- Routes: OpenAI chat completions ---
+
+CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
+
+# Client headers that describe the OpenAI request and not the Messages request clove builds from
+# it: clove writes and encodes the JSON body itself, and openai-organization, openai-project and
+# openai-beta name OpenAI accounts and features. Other headers pass as for /v1/messages, the
+# x-stainless-* ones included, because they only describe the client SDK, as the anthropic SDK's do.
+CHAT_CLIENT_HEADERS_NOT_FORWARDED = frozenset({"accept", "content-type", "content-encoding"})
+
+
+def chat_upstream_headers(client_headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Return the client's headers that still apply to the Messages request, plus its content-type."""
+    kept = []
+    for raw_name, raw_value in client_headers:
+        name = raw_name.decode("latin-1").lower()
+        if name not in CHAT_CLIENT_HEADERS_NOT_FORWARDED and not name.startswith("openai-"):
+            kept.append((raw_name, raw_value))
+    kept.append((b"content-type", b"application/json"))
+    return kept
+
+
+def _decode_chat_request(body: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        # RecursionError: nesting deeper than the interpreter's recursion limit.
+        document = None
+    if not isinstance(document, dict):
+        raise ChatRequestError("Invalid request body: expected a JSON object.")
+    return document
+
+
+def _chat_response_headers(upstream: httpx.Response) -> dict[str, str]:
+    """Return the upstream headers an OpenAI client can use: the request id and retry-after."""
+    headers = {}
+    request_id = upstream.headers.get("request-id")
+    if request_id is not None:
+        # The openai SDK reads x-request-id; request-id keeps the name the Anthropic API uses.
+        headers["request-id"] = headers["x-request-id"] = request_id
+    retry_after = upstream.headers.get("retry-after")
+    if retry_after is not None:
+        headers["retry-after"] = retry_after
+    return headers
+
+
+async def _chat_error_response(upstream: httpx.Response, log_completion: Callable[[str], None]) -> Response:
+    try:
+        body = await upstream.aread()
+    except httpx.TransportError as exc:
+        raise _transport_failure(describe_transport_error(exc)) from None
+    finally:
+        await upstream.aclose()
+    log_completion("complete")
+    error = openai_error_from_anthropic(upstream.status_code, body)
+    return JSONResponse(error, status_code=upstream.status_code, headers=_chat_response_headers(upstream))
+
+
+def _chat_completion_response(upstream: httpx.Response) -> Response:
+    try:
+        message = json.loads(upstream.content)
+    except ValueError:
+        message = None
+    if not isinstance(message, dict):
+        raise CloveError("The Anthropic API returned a reply that is not a JSON object.", status_code=502)
+    return JSONResponse(chat_completion_from_message(message), headers=_chat_response_headers(upstream))
+
+
+class ChatCompletionStream(StreamedUpstreamResponse):
+    """Relays an upstream Messages stream as OpenAI chat.completion.chunk events, as they arrive.
+
+    The upstream status is 200 here, since other statuses were answered before streaming. An
+    upstream error event, a broken connection or a stream without message_stop ends the output
+    with an OpenAI error event and no `data: [DONE]`.
+    """
+
+    def __init__(self, upstream: httpx.Response, on_close: Callable[[str], None], translator: ChatStreamTranslator) -> None:
+        super().__init__(upstream, on_close)
+        self.translator = translator
+
+    def client_headers(self) -> list[tuple[bytes, bytes]]:
+        headers = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
+        headers.update(_chat_response_headers(self.upstream))
+        return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+
+    def convert(self, chunk: bytes) -> bytes:
+        return self.translator.feed(chunk)
+
+    def finish(self) -> bytes:
+        return self.translator.finish()
+
+    def outcome(self) -> str:
+        if self.translator.error is None:
+            return "complete"
+        return "stream ended with an error: " + self.translator.error
+
+    def failure_event(self, message: str) -> bytes:
+        return self.translator.fail(message)
+
+
+# --- Routes: errors ---
+
+
+def _uses_openai_errors(request: Request) -> bool:
+    return request.url.path == CHAT_COMPLETIONS_PATH
+
+
+def _error_response_for(
+    request: Request,
+    status_code: int,
+    error_type: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    param: str | None = None,
+) -> Response:
+    """Build an error response in the shape of the route's API: OpenAI's for chat completions, else Anthropic's."""
+    if not _uses_openai_errors(request):
+        return error_response(status_code, error_type, message, headers)
+    openai_type, code = openai_error_type(error_type, status_code)
+    return JSONResponse(openai_error_body(message, openai_type, param, code), status_code=status_code, headers=headers)
+
 
 async def handle_clove_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, CloveError)
     if exc.status_code >= 500:
         logger.error("%s %s failed: %s", request.method, request.url.path, exc.message)
-    return error_response(exc.status_code, exc.error_type, exc.message)
+    param = exc.param if isinstance(exc, ChatRequestError) else None
+    return _error_response_for(request, exc.status_code, exc.error_type, exc.message, param=param)
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        return error_response(404, "not_found_error", f"No route for {request.method} {request.url.path}.")
+        return _error_response_for(request, 404, "not_found_error", f"No route for {request.method} {request.url.path}.")
     if exc.status_code == 405:
-        return error_response(
-            405, "invalid_request_error", f"Method {request.method} is not allowed for {request.url.path}.", exc.headers
-        )
-    return error_response(exc.status_code, "invalid_request_error", str(exc.detail), exc.headers)
+        message = f"Method {request.method} is not allowed for {request.url.path}."
+        return _error_response_for(request, 405, "invalid_request_error", message, exc.headers)
+    return _error_response_for(request, exc.status_code, "invalid_request_error", str(exc.detail), exc.headers)
 
 
 async def handle_client_disconnect(request: Request, exc: Exception) -> Response:
@@ -2329,6 +2549,7 @@ def create_app(settings: Settings | None = None, transport: httpx.AsyncBaseTrans
         Route("/health", proxy.health, methods=["GET"]),
         Route("/v1/messages", proxy.messages, methods=["POST"]),
         Route("/v1/messages/count_tokens", proxy.count_tokens, methods=["POST"]),
+        Route(CHAT_COMPLETIONS_PATH, proxy.chat_completions, methods=["POST"]),
         Route("/v1/models", proxy.models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", proxy.models, methods=["GET"]),
     ]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -724,12 +725,12 @@ def test_compressed_response_decoded(client: TestClient, fake: FakeAnthropic) ->
     assert response.headers["content-length"] == str(len(response.content))
 
 
-def test_count_tokens_and_models_pass_through(client: TestClient, fake: FakeAnthropic) -> None:
+def test_count_tokens_and_models_forwarded(client: TestClient, fake: FakeAnthropic) -> None:
     counted = client.post("/v1/messages/count_tokens?beta=true", content=json.dumps({"model": "m", "messages": []}))
     models = client.get("/v1/models?limit=5")
 
     assert counted.json() == {"input_tokens": 9}
-    assert models.json() == {"data": [], "has_more": False, "first_id": None, "last_id": None}
+    assert models.json() == {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
     assert fake.requests[0].headers["authorization"] == f"Bearer {ACCESS_TOKEN}"
     assert fake.requests[1].url.query == b"limit=5"
     assert fake.requests[1].headers["anthropic-beta"] == "oauth-2025-04-20"
@@ -901,12 +902,8 @@ def test_stream_timeout_mid_stream(client: TestClient, fake: FakeAnthropic) -> N
     assert received.endswith(clove.sse_error_event("api_error", "The upstream stream broke: timed out waiting for the upstream. The response is incomplete."))
 
 
-@pytest.mark.anyio
-async def test_client_disconnect_closes_upstream(settings: clove.Settings, store: clove.AccountStore, fake: FakeAnthropic) -> None:
-    stream = BreakingStream(message_stream_events(["one"])[:2], None)
-    fake.queue("/v1/messages", reply(200, headers={"content-type": "text/event-stream"}, stream=stream))
-    app = clove.create_app(settings, transport=httpx.MockTransport(fake))
-    body = json.dumps({**REQUEST_BODY, "stream": True}).encode()
+async def disconnect_after_first_chunk(app: Starlette, path: str, body: bytes, upstream: BreakingStream) -> list[dict[str, Any]]:
+    """Call app directly, disconnect once the first body chunk went out, and wait for the upstream to close."""
     first_chunk_sent = anyio.Event()
     disconnect = anyio.Event()
     sent: list[dict[str, Any]] = []
@@ -930,8 +927,8 @@ async def test_client_disconnect_closes_upstream(settings: clove.Settings, store
         "asgi": {"version": "3.0", "spec_version": "2.3"},
         "http_version": "1.1",
         "method": "POST",
-        "path": "/v1/messages",
-        "raw_path": b"/v1/messages",
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "headers": [(b"x-api-key", API_KEY.encode()), (b"content-length", str(len(body)).encode())],
         "client": ("127.0.0.1", 1),
@@ -943,7 +940,19 @@ async def test_client_disconnect_closes_upstream(settings: clove.Settings, store
             await first_chunk_sent.wait()
             disconnect.set()
             with anyio.fail_after(1):
-                await stream.closed.wait()
+                await upstream.closed.wait()
+    return sent
+
+
+@pytest.mark.anyio
+async def test_client_disconnect_closes_upstream(settings: clove.Settings, store: clove.AccountStore, fake: FakeAnthropic) -> None:
+    stream = BreakingStream(message_stream_events(["one"])[:2], None)
+    fake.queue("/v1/messages", reply(200, headers={"content-type": "text/event-stream"}, stream=stream))
+    app = clove.create_app(settings, transport=httpx.MockTransport(fake))
+    body = json.dumps({**REQUEST_BODY, "stream": True}).encode()
+
+    sent = await disconnect_after_first_chunk(app, "/v1/messages", body, stream)
+
     assert sent[0]["status"] == 200
 
 
@@ -2488,6 +2497,342 @@ def test_error_missing_message_uses_status() -> None:
 
     assert "HTTP 500" in error["message"]
     assert error["type"] == "server_error"
+
+
+# --- OpenAI compatibility: routes ---
+
+CHAT_BODY = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def post_chat(client: TestClient, body: dict[str, Any] | None = None, **kwargs: Any) -> httpx.Response:
+    return client.post("/v1/chat/completions", content=json.dumps(CHAT_BODY if body is None else body), **kwargs)
+
+
+def chat_stream_lines(client: TestClient, body: dict[str, Any]) -> list[str]:
+    """Post a streamed chat request and return the non-empty lines of the response body."""
+    with client.stream("POST", "/v1/chat/completions", content=json.dumps({**body, "stream": True})) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+        return [line for line in response.read().decode().split("\n") if line]
+
+
+def chat_completion_request_log(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [message for message in caplog.messages if message.startswith("POST /v1/chat/completions ->")]
+
+
+def test_chat_route_translates_both_ways(client: TestClient, fake: FakeAnthropic, caplog: pytest.LogCaptureFixture) -> None:
+    client.headers.pop("x-api-key")
+    headers = {
+        "authorization": f"Bearer {API_KEY}",
+        "openai-organization": "org-openai",
+        "openai-project": "proj-openai",
+        "x-stainless-lang": "python",
+        "user-agent": "OpenAI/Python 1.99.0",
+        "accept": "application/json",
+    }
+    body = {**CHAT_BODY, "messages": [{"role": "system", "content": "Be brief."}, *CHAT_BODY["messages"]], "max_tokens": 50}
+    with caplog.at_level(logging.INFO, logger="clove"):
+        response = post_chat(client, body, headers=headers)
+
+    upstream = fake.requests_to("/v1/messages")[0]
+    assert json.loads(upstream.content) == {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+        "system": [{"type": "text", "text": "Be brief."}],
+    }
+    assert upstream.headers["authorization"] == f"Bearer {ACCESS_TOKEN}"
+    assert upstream.headers["anthropic-beta"] == "oauth-2025-04-20"
+    assert upstream.headers["content-type"] == "application/json"
+    assert upstream.headers["x-stainless-lang"] == "python"
+    assert upstream.headers["user-agent"] == "OpenAI/Python 1.99.0"
+    assert "openai-organization" not in upstream.headers
+    assert "openai-project" not in upstream.headers
+    assert "accept" not in upstream.headers
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "req_01"
+    completion = response.json()
+    assert completion["object"] == "chat.completion"
+    assert completion["choices"][0]["message"]["content"] == "Hello from the fake upstream."
+    assert completion["choices"][0]["finish_reason"] == "stop"
+    assert completion["usage"]["total_tokens"] == 19
+    assert len(chat_completion_request_log(caplog)) == 1
+
+
+def test_chat_route_default_max_tokens(settings: clove.Settings, store: clove.AccountStore, fake: FakeAnthropic) -> None:
+    app = clove.create_app(dataclasses.replace(settings, default_max_tokens=321), transport=httpx.MockTransport(fake))
+    with TestClient(app, headers={"x-api-key": API_KEY}) as test_client:
+        post_chat(test_client)
+    assert json.loads(fake.requests_to("/v1/messages")[0].content)["max_tokens"] == 321
+
+
+@pytest.mark.parametrize(
+    ("headers", "content", "status_code", "error"),
+    [
+        (
+            {"x-api-key": "wrong"},
+            json.dumps(CHAT_BODY),
+            401,
+            {
+                "message": "Missing or invalid clove API key. Send it as x-api-key or Authorization: Bearer.",
+                "type": "authentication_error",
+                "param": None,
+                "code": None,
+            },
+        ),
+        (
+            {},
+            "{not json",
+            400,
+            {"message": "Invalid request body: expected a JSON object.", "type": "invalid_request_error", "param": None, "code": None},
+        ),
+        (
+            {},
+            json.dumps({**CHAT_BODY, "n": 2}),
+            400,
+            {
+                "message": "Unsupported value for 'n': only n=1 is supported, because Claude returns one choice per request.",
+                "type": "invalid_request_error",
+                "param": "n",
+                "code": None,
+            },
+        ),
+        (
+            {},
+            json.dumps({**CHAT_BODY, "stream": True, "stream_options": {"include_usage": "yes"}}),
+            400,
+            {
+                "message": "Invalid 'stream_options.include_usage': expected a boolean, got 'yes'.",
+                "type": "invalid_request_error",
+                "param": "stream_options.include_usage",
+                "code": None,
+            },
+        ),
+    ],
+)
+def test_chat_route_rejects_in_openai_shape(
+    client: TestClient, fake: FakeAnthropic, headers: dict[str, str], content: str, status_code: int, error: dict[str, Any]
+) -> None:
+    response = client.post("/v1/chat/completions", content=content, headers=headers)
+    assert response.status_code == status_code
+    assert response.json() == {"error": error}
+    assert fake.requests == []
+
+
+def test_chat_route_body_too_large(settings: clove.Settings, store: clove.AccountStore, fake: FakeAnthropic) -> None:
+    app = clove.create_app(dataclasses.replace(settings, max_body_bytes=100), transport=httpx.MockTransport(fake))
+    with TestClient(app, headers={"x-api-key": API_KEY}) as test_client:
+        response = post_chat(test_client, {**CHAT_BODY, "messages": [{"role": "user", "content": "x" * 200}]})
+    assert response.status_code == 413
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert fake.requests == []
+
+
+def test_chat_route_wrong_method(client: TestClient) -> None:
+    response = client.get("/v1/chat/completions")
+    assert response.status_code == 405
+    assert response.json() == {
+        "error": {
+            "message": "Method GET is not allowed for /v1/chat/completions.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }
+
+
+def test_chat_route_without_account(settings: clove.Settings, fake: FakeAnthropic) -> None:
+    app = clove.create_app(settings, transport=httpx.MockTransport(fake))
+    with TestClient(app, headers={"x-api-key": API_KEY}) as test_client:
+        response = post_chat(test_client)
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "authentication_error"
+    assert response.json()["error"]["message"].startswith("clove has no Claude account yet.")
+
+
+def test_chat_route_token_refresh_failure(settings: clove.Settings, fake: FakeAnthropic) -> None:
+    expired_store(settings)
+    fake.queue("/v1/oauth/token", *[reply(503)] * settings.max_retries)
+    app = clove.create_app(settings, transport=httpx.MockTransport(fake))
+    with TestClient(app, headers={"x-api-key": API_KEY}) as test_client:
+        response = post_chat(test_client)
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "server_error"
+    assert fake.requests_to("/v1/messages") == []
+
+
+def test_chat_route_upstream_error_translated(client: TestClient, fake: FakeAnthropic) -> None:
+    error = clove.error_body("invalid_request_error", "max_tokens: 100000 > 64000")
+    fake.queue("/v1/messages", reply(400, json=error, headers={"request-id": "req_bad"}))
+    response = post_chat(client)
+    assert response.status_code == 400
+    assert response.headers["x-request-id"] == "req_bad"
+    assert response.json() == {
+        "error": {"message": "max_tokens: 100000 > 64000", "type": "invalid_request_error", "param": None, "code": None}
+    }
+
+
+def test_chat_route_rate_limit_keeps_retry_after(client: TestClient, fake: FakeAnthropic) -> None:
+    error = clove.error_body("rate_limit_error", "Rate limited")
+    fake.queue("/v1/messages", reply(429, json=error, headers={"retry-after": "30"}))
+    response = post_chat(client)
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "30"
+    assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_chat_route_shares_retries(client: TestClient, fake: FakeAnthropic, caplog: pytest.LogCaptureFixture) -> None:
+    overloaded = clove.error_body("overloaded_error", "Overloaded")
+    fake.queue("/v1/messages", reply(529, json=overloaded), fail_with(httpx.ConnectError("refused")))
+    with caplog.at_level(logging.INFO, logger="clove"):
+        response = post_chat(client)
+    assert response.status_code == 200
+    assert len(fake.requests_to("/v1/messages")) == 3
+    assert "Upstream attempt 1 of 3 failed (status 529); retrying in 0.0s" in caplog.messages
+    assert chat_completion_request_log(caplog)[0].startswith("POST /v1/chat/completions -> 200, 3 attempts")
+
+
+def test_chat_route_upstream_unreachable(client: TestClient, fake: FakeAnthropic) -> None:
+    fake.queue("/v1/messages", *[fail_with(httpx.ConnectError("refused"))] * 3)
+    response = post_chat(client)
+    assert response.status_code == 502
+    assert response.json() == {
+        "error": {
+            "message": "The Anthropic API could not be reached: connection failed.",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
+
+
+def test_chat_route_streams_chunks(client: TestClient, fake: FakeAnthropic) -> None:
+    lines = chat_stream_lines(client, {**CHAT_BODY, "stream_options": {"include_usage": True}})
+
+    upstream_body = json.loads(fake.requests_to("/v1/messages")[0].content)
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert upstream_body["stream"] is True
+    assert "stream_options" not in upstream_body
+    assert [chunk["choices"][0]["delta"] for chunk in chunks[:-1]] == [
+        {"role": "assistant", "content": ""},
+        {"content": "Hi"},
+        {"content": "!"},
+        {},
+    ]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": 12,
+        "completion_tokens": 7,
+        "total_tokens": 19,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_chat_route_stream_error_event(client: TestClient, fake: FakeAnthropic, caplog: pytest.LogCaptureFixture) -> None:
+    error_event = sse_event("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    events = message_stream_events(["partial"])[:4] + [error_event]
+    fake.queue("/v1/messages", reply(200, headers={"content-type": "text/event-stream"}, content=b"".join(events)))
+    with caplog.at_level(logging.INFO, logger="clove"):
+        lines = chat_stream_lines(client, CHAT_BODY)
+
+    assert "data: [DONE]" not in lines
+    assert json.loads(lines[-1].removeprefix("data: ")) == {
+        "error": {"message": "Overloaded", "type": "server_error", "param": None, "code": "overloaded"}
+    }
+    assert chat_completion_request_log(caplog)[0].endswith(", stream ended with an error: Overloaded")
+
+
+def test_chat_route_stream_connection_breaks(client: TestClient, fake: FakeAnthropic) -> None:
+    stream = BreakingStream(message_stream_events(["partial"])[:4], httpx.RemoteProtocolError("peer closed connection"))
+    fake.queue("/v1/messages", reply(200, headers={"content-type": "text/event-stream"}, stream=stream))
+    lines = chat_stream_lines(client, CHAT_BODY)
+
+    assert "data: [DONE]" not in lines
+    assert json.loads(lines[1].removeprefix("data: "))["choices"][0]["delta"] == {"content": "partial"}
+    assert json.loads(lines[-1].removeprefix("data: ")) == {
+        "error": {
+            "message": "The upstream stream broke: connection error (RemoteProtocolError). The response is incomplete.",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
+
+
+def test_chat_route_stream_timeout(client: TestClient, fake: FakeAnthropic) -> None:
+    stream = BreakingStream(message_stream_events(["partial"])[:3], httpx.ReadTimeout("no bytes"))
+    fake.queue("/v1/messages", reply(200, headers={"content-type": "text/event-stream"}, stream=stream))
+    lines = chat_stream_lines(client, CHAT_BODY)
+    assert "data: [DONE]" not in lines
+    assert "timed out waiting for the upstream" in json.loads(lines[-1].removeprefix("data: "))["error"]["message"]
+
+
+def test_chat_route_stream_error_before_start(client: TestClient, fake: FakeAnthropic) -> None:
+    error = clove.error_body("permission_error", "Not allowed")
+    fake.queue("/v1/messages", reply(403, json=error))
+    response = post_chat(client, {**CHAT_BODY, "stream": True})
+    assert response.status_code == 403
+    assert response.json() == {"error": {"message": "Not allowed", "type": "permission_error", "param": None, "code": None}}
+
+
+@pytest.mark.anyio
+async def test_chat_route_disconnect_closes_upstream(
+    settings: clove.Settings, store: clove.AccountStore, fake: FakeAnthropic
+) -> None:
+    stream = BreakingStream(message_stream_events(["one"])[:2], None)
+    fake.queue("/v1/messages", reply(200, headers={"content-type": "text/event-stream"}, stream=stream))
+    app = clove.create_app(settings, transport=httpx.MockTransport(fake))
+    body = json.dumps({**CHAT_BODY, "stream": True}).encode()
+
+    sent = await disconnect_after_first_chunk(app, "/v1/chat/completions", body, stream)
+
+    assert sent[0]["status"] == 200
+    assert b"chat.completion.chunk" in sent[1]["body"]
+
+
+MODEL_ENTRY = {"type": "model", "id": "claude-sonnet-4-5", "display_name": "Claude Sonnet 4.5", "created_at": "2025-09-29T00:00:00Z"}
+MODEL_WITH_OPENAI_FIELDS = {**MODEL_ENTRY, "object": "model", "created": 1759104000, "owned_by": "anthropic"}
+
+
+def test_models_list_has_both_shapes(client: TestClient, fake: FakeAnthropic) -> None:
+    upstream_list = {"data": [MODEL_ENTRY], "has_more": False, "first_id": "claude-sonnet-4-5", "last_id": "claude-sonnet-4-5"}
+    fake.queue("/v1/models", reply(200, json=upstream_list))
+    response = client.get("/v1/models")
+    assert response.json() == {
+        "object": "list",
+        "data": [MODEL_WITH_OPENAI_FIELDS],
+        "has_more": False,
+        "first_id": "claude-sonnet-4-5",
+        "last_id": "claude-sonnet-4-5",
+    }
+    assert fake.requests_to("/v1/models")[0].url.query == b"limit=1000"
+
+
+def test_models_list_keeps_client_paging(client: TestClient, fake: FakeAnthropic) -> None:
+    client.get("/v1/models?after_id=claude-x&limit=2")
+    assert fake.requests_to("/v1/models")[0].url.query == b"after_id=claude-x&limit=2"
+
+
+def test_models_list_adds_limit_to_query(client: TestClient, fake: FakeAnthropic) -> None:
+    client.get("/v1/models?after_id=claude-x")
+    assert fake.requests_to("/v1/models")[0].url.query == b"after_id=claude-x&limit=1000"
+
+
+def test_model_by_id_has_both_shapes(client: TestClient, fake: FakeAnthropic) -> None:
+    fake.queue("/v1/models/claude-sonnet-4-5", reply(200, json=MODEL_ENTRY))
+    response = client.get("/v1/models/claude-sonnet-4-5")
+    assert response.json() == MODEL_WITH_OPENAI_FIELDS
+
+
+def test_models_error_keeps_anthropic_shape(client: TestClient, fake: FakeAnthropic) -> None:
+    error = clove.error_body("not_found_error", "model: claude-nope")
+    fake.queue("/v1/models/claude-nope", reply(404, json=error))
+    response = client.get("/v1/models/claude-nope")
+    assert response.status_code == 404
+    assert response.json() == error
+
 
 
 # --- End to end: a real clove process, a fake upstream on loopback, the anthropic SDK ---
