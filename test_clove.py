@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import json
@@ -18,6 +19,7 @@ from typing import Any
 import anthropic
 import anyio
 import httpx
+import openai
 import pytest
 import uvicorn
 from starlette.applications import Starlette
@@ -2838,6 +2840,42 @@ def test_models_error_keeps_anthropic_shape(client: TestClient, fake: FakeAnthro
 # --- End to end: a real clove process, a fake upstream on loopback, the anthropic SDK ---
 
 
+TOOL_USE_MESSAGE = {
+    **MESSAGE,
+    "content": [
+        {"type": "text", "text": "Let me check."},
+        {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {"city": "Paris"}},
+    ],
+    "stop_reason": "tool_use",
+}
+WEATHER_FUNCTION = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def tool_use_stream_events() -> list[bytes]:
+    """The event sequence the Messages API sends for a streamed call of the weather tool."""
+    start = {**MESSAGE, "content": [], "stop_reason": None, "usage": {"input_tokens": 30, "output_tokens": 1}}
+    block = {"type": "tool_use", "id": "toolu_02", "name": "get_weather", "input": {}}
+    events = [
+        sse_event("message_start", {"type": "message_start", "message": start}),
+        sse_event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}),
+    ]
+    for fragment in ['{"city', '": "Par', 'is"}']:
+        delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": fragment}}
+        events.append(sse_event("content_block_delta", delta))
+    return events + [
+        sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        sse_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}}),
+        sse_event("message_stop", {"type": "message_stop"}),
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -2852,12 +2890,14 @@ class FakeUpstreamServer:
         self.token_calls = 0
         self.refresh_tokens_seen: list[str] = []
         self.authorizations: list[str] = []
+        self.message_bodies: list[dict[str, Any]] = []
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         app = Starlette(
             routes=[
                 Route("/v1/messages", self.messages, methods=["POST"]),
                 Route("/v1/oauth/token", self.token, methods=["POST"]),
+                Route("/v1/models", self.models, methods=["GET"]),
             ]
         )
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -2889,15 +2929,41 @@ class FakeUpstreamServer:
         if "oauth-2025-04-20" not in request.headers.get("anthropic-beta", ""):
             return JSONResponse(clove.error_body("authentication_error", "OAuth authentication is currently not supported."), 401)
         body = await request.json()
+        self.message_bodies.append(body)
+        if body["model"] == "claude-missing":
+            return JSONResponse(clove.error_body("not_found_error", "model: claude-missing"), 404)
+        if body.get("tools"):
+            return self.tool_reply(body)
         if body.get("stream"):
-
-            async def events() -> AsyncIterator[bytes]:
-                for event in message_stream_events(["Hello", " from", " the stream."]):
-                    yield event
-                    await anyio.sleep(0.01)
-
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"request-id": "req_e2e_stream"})
+            return self.stream_reply(message_stream_events(["Hello", " from", " the stream."]))
         return JSONResponse(MESSAGE, headers={"request-id": "req_e2e"})
+
+    def tool_reply(self, body: dict[str, Any]) -> Response:
+        """Ask for the weather tool, or answer once the conversation ends with its result."""
+        last_block = body["messages"][-1]["content"][-1]
+        if last_block["type"] == "tool_result":
+            answer = f"It is {last_block['content']} in Paris."
+            if body.get("stream"):
+                return self.stream_reply(message_stream_events([answer]))
+            return JSONResponse({**MESSAGE, "content": [{"type": "text", "text": answer}]})
+        if body.get("stream"):
+            return self.stream_reply(tool_use_stream_events())
+        return JSONResponse(TOOL_USE_MESSAGE)
+
+    def stream_reply(self, events: list[bytes]) -> Response:
+        async def slow_events() -> AsyncIterator[bytes]:
+            for event in events:
+                yield event
+                await anyio.sleep(0.01)
+
+        return StreamingResponse(slow_events(), media_type="text/event-stream", headers={"request-id": "req_e2e_stream"})
+
+    async def models(self, request: Request) -> Response:
+        if "oauth-2025-04-20" not in request.headers.get("anthropic-beta", ""):
+            return JSONResponse(clove.error_body("authentication_error", "OAuth authentication is currently not supported."), 401)
+        return JSONResponse(
+            {"data": [MODEL_ENTRY], "has_more": False, "first_id": MODEL_ENTRY["id"], "last_id": MODEL_ENTRY["id"]}
+        )
 
 
 @pytest.fixture
@@ -3002,6 +3068,129 @@ def test_end_to_end_with_anthropic_sdk(tmp_path: Path, upstream_server: FakeUpst
     assert "Refreshed the access token" in output
     assert "sk-ant-oat01-e2e" not in output
     assert API_KEY not in output
+
+
+@contextlib.contextmanager
+def running_clove(tmp_path: Path, upstream: FakeUpstreamServer) -> Iterator[tuple[str, list[str]]]:
+    """Run clove with a long-lived token; the list receives clove's output once it has stopped."""
+    data_folder = tmp_path / "data"
+    clove.AccountStore(data_folder).save(make_account(access_token="sk-ant-oat01-e2e-0", refresh_token=None, expires_at=None))
+    process, base_url = start_clove(data_folder, upstream)
+    output: list[str] = []
+    try:
+        yield base_url, output
+    finally:
+        output.append(stop_clove(process))
+
+
+def test_end_to_end_with_openai_sdk(tmp_path: Path, upstream_server: FakeUpstreamServer) -> None:
+    messages: list[Any] = [{"role": "user", "content": "Hi"}]
+    with running_clove(tmp_path, upstream_server) as (base_url, output):
+        with openai.OpenAI(base_url=base_url + "/v1", api_key=API_KEY, max_retries=0) as sdk:
+            completion = sdk.chat.completions.create(model="claude-sonnet-4-5", messages=messages)
+            chunks = list(
+                sdk.chat.completions.create(
+                    model="claude-sonnet-4-5", messages=messages, stream=True, stream_options={"include_usage": True}
+                )
+            )
+            with pytest.raises(openai.BadRequestError) as bad_request:
+                sdk.chat.completions.create(model="claude-sonnet-4-5", messages=messages, n=2)
+            with pytest.raises(openai.NotFoundError) as not_found:
+                sdk.chat.completions.create(model="claude-missing", messages=messages)
+        with openai.OpenAI(base_url=base_url + "/v1", api_key="wrong", max_retries=0) as wrong_key_sdk:
+            with pytest.raises(openai.AuthenticationError):
+                wrong_key_sdk.chat.completions.create(model="claude-sonnet-4-5", messages=messages)
+
+    assert completion.choices[0].message.content == "Hello from the fake upstream."
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens == 12
+    assert completion.model == "claude-sonnet-4-5"
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == "Hello from the stream."
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens == 19
+    assert bad_request.value.param == "n"
+    assert not_found.value.body == {"message": "model: claude-missing", "type": "not_found_error", "param": None, "code": None}
+    assert upstream_server.message_bodies[0] == {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 8192,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+    }
+    assert len(upstream_server.message_bodies) == 3
+    request_lines = [line for line in output[0].splitlines() if "POST /v1/chat/completions ->" in line]
+    assert len(request_lines) == 3
+    assert API_KEY not in output[0]
+
+
+def test_end_to_end_openai_tool_round_trip(tmp_path: Path, upstream_server: FakeUpstreamServer) -> None:
+    messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+    tools: list[Any] = [WEATHER_FUNCTION]
+    with running_clove(tmp_path, upstream_server) as (base_url, _):
+        with openai.OpenAI(base_url=base_url + "/v1", api_key=API_KEY, max_retries=0) as sdk:
+            first = sdk.chat.completions.create(model="claude-sonnet-4-5", messages=messages, tools=tools)
+            tool_call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
+            messages.append(first.choices[0].message.model_dump(exclude_none=True))
+            messages.append({"role": "tool", "tool_call_id": tool_call.id, "content": "21 degrees"})
+            final = sdk.chat.completions.create(model="claude-sonnet-4-5", messages=messages, tools=tools)
+
+            streamed_arguments = ""
+            streamed_call_ids: list[str] = []
+            stream = sdk.chat.completions.create(
+                model="claude-sonnet-4-5", messages=messages[:1], tools=tools, tool_choice="required", stream=True
+            )
+            for chunk in stream:
+                if not chunk.choices:
+                    continue
+                finish_reason = chunk.choices[0].finish_reason
+                for delta_call in chunk.choices[0].delta.tool_calls or []:
+                    if delta_call.id:
+                        streamed_call_ids.append(delta_call.id)
+                    if delta_call.function and delta_call.function.arguments:
+                        streamed_arguments += delta_call.function.arguments
+
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert first.choices[0].message.content == "Let me check."
+    assert tool_call.id == "toolu_01"
+    assert tool_call.function.name == "get_weather"  # type: ignore[union-attr]
+    assert json.loads(tool_call.function.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+    assert final.choices[0].message.content == "It is 21 degrees in Paris."
+    assert streamed_call_ids == ["toolu_02"]
+    assert json.loads(streamed_arguments) == {"city": "Paris"}
+    assert finish_reason == "tool_calls"
+
+    first_body, second_body, stream_body = upstream_server.message_bodies
+    assert first_body["tools"] == [
+        {
+            "name": "get_weather",
+            "description": "Current weather for a city.",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        }
+    ]
+    assert second_body["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Let me check."},
+                {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {"city": "Paris"}},
+            ],
+        },
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "21 degrees"}]},
+    ]
+    assert stream_body["tool_choice"] == {"type": "any"}
+    assert stream_body["stream"] is True
+
+
+def test_end_to_end_models_for_both_sdks(tmp_path: Path, upstream_server: FakeUpstreamServer) -> None:
+    with running_clove(tmp_path, upstream_server) as (base_url, _):
+        with openai.OpenAI(base_url=base_url + "/v1", api_key=API_KEY, max_retries=0) as openai_sdk:
+            openai_models = list(openai_sdk.models.list())
+        with anthropic.Anthropic(base_url=base_url, api_key=API_KEY, max_retries=0) as anthropic_sdk:
+            anthropic_models = list(anthropic_sdk.models.list())
+
+    assert [(model.id, model.owned_by, model.created) for model in openai_models] == [("claude-sonnet-4-5", "anthropic", 1759104000)]
+    assert [(model.id, model.display_name) for model in anthropic_models] == [("claude-sonnet-4-5", "Claude Sonnet 4.5")]
 
 
 def test_uvicorn_factory_serves_health(tmp_path: Path) -> None:
