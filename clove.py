@@ -2,7 +2,8 @@
 
 Clients (the anthropic SDKs, Claude Code, curl) send requests with clove's own API key; clove
 replaces it with the account's OAuth access token, refreshes that token before it expires, and
-passes request and response bodies through unchanged.
+passes request and response bodies through unchanged. /v1/chat/completions serves OpenAI-format
+clients by translating their requests to the Messages API and the replies back.
 
     python clove.py                            serve (also: uvicorn clove:create_app --factory)
     python clove.py import-claude-code [PATH]  import ~/.claude/.credentials.json
@@ -121,7 +122,7 @@ class CloveError(Exception):
 
 
 class ChatRequestError(CloveError):
-    """A chat completions request clove cannot honour; param names the offending parameter."""
+    """A chat completions request that clove cannot honour. param names the offending parameter."""
 
     status_code = 400
     error_type = "invalid_request_error"
@@ -1318,7 +1319,7 @@ def chat_request_to_messages(body: object, default_max_tokens: int) -> dict[str,
 
 
 def chat_stream_include_usage(body: dict[str, Any]) -> bool:
-    """Return stream_options.include_usage, which asks for a final chunk with token usage."""
+    """Return stream_options.include_usage, which requests a final chunk with token usage."""
     options = body.get("stream_options")
     if options is None:
         return False
@@ -1809,7 +1810,7 @@ class _SseParser:
         self._data_lines: list[str] = []
 
     def feed(self, chunk: bytes) -> list[_SseEvent]:
-        # The kept buffer holds no line break except a trailing CR, so the search starts there
+        # The kept buffer contains no line break except a trailing CR, so the search starts there
         # and a long line that arrives in many small chunks is scanned once.
         scan_from = len(self._buffer) - 1 if self._buffer.endswith(b"\r") else len(self._buffer)
         self._buffer += chunk
@@ -2434,11 +2435,12 @@ def _chat_completion_response(upstream: httpx.Response) -> Response:
 
 
 class ChatCompletionStream(StreamedUpstreamResponse):
-    """Relays an upstream Messages stream as OpenAI chat.completion.chunk events, as they arrive.
+    """An ASGI response that relays an upstream Messages stream as OpenAI chat.completion.chunk events.
 
-    The upstream status is 200 here, since other statuses were answered before streaming. An
-    upstream error event, a broken connection or a stream without message_stop ends the output
-    with an OpenAI error event and no `data: [DONE]`.
+    Chunks go out as the upstream events arrive. The upstream status is 200 here, because the
+    route returns other statuses as errors before it starts a stream. An upstream error event, a
+    broken connection or a stream without message_stop ends the output with an OpenAI error
+    event and no `data: [DONE]`.
     """
 
     def __init__(self, upstream: httpx.Response, on_close: Callable[[str], None], translator: ChatStreamTranslator) -> None:
