@@ -3024,9 +3024,10 @@ def test_end_to_end_with_anthropic_sdk(tmp_path: Path, upstream_server: FakeUpst
     assert imported.returncode == 0, imported.stderr
 
     process, base_url = start_clove(data_folder, upstream_server)
+    sdk = anthropic.Anthropic(base_url=base_url, api_key=API_KEY, max_retries=0)
+    wrong_key_sdk = anthropic.Anthropic(base_url=base_url, api_key="wrong", max_retries=0)
     try:
         health = httpx.get(base_url + "/health").json()
-        sdk = anthropic.Anthropic(base_url=base_url, api_key=API_KEY, max_retries=0)
 
         message = sdk.messages.create(model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "Hi"}])
         with sdk.messages.stream(model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "Hi"}]) as stream:
@@ -3050,10 +3051,12 @@ def test_end_to_end_with_anthropic_sdk(tmp_path: Path, upstream_server: FakeUpst
             thread.join(timeout=30)
 
         with pytest.raises(anthropic.AuthenticationError):
-            anthropic.Anthropic(base_url=base_url, api_key="wrong", max_retries=0).messages.create(
+            wrong_key_sdk.messages.create(
                 model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "Hi"}]
             )
     finally:
+        sdk.close()
+        wrong_key_sdk.close()
         output = stop_clove(process)
 
     assert health["account_valid"] is True
