@@ -591,12 +591,31 @@ class TokenManager:
             logger.error("Account file is unreadable and will not be overwritten: %s", exc)
 
     def _sync_with_store(self) -> None:
-        if self._unsaved:
-            self._retry_save()
-        elif self.store.changed_on_disk():
+        # A file written by another process wins over tokens that are still waiting to be saved.
+        if self.store.changed_on_disk():
             logger.info("Account file changed on disk; reloading %s", self.store.path)
             self.reload()
             self._refresh_not_before = 0.0
+            self._unsaved = False
+        elif self._unsaved:
+            self._retry_save()
+
+    async def replace_account(self, account: Account) -> None:
+        """Save account as the one clove serves and serve it from now on.
+
+        Holds the refresh lock, so a refresh of the previous account cannot overwrite it. An
+        unreadable account file is renamed aside first. Raises OSError when the save fails, and
+        then the previous account stays in place.
+        """
+        async with self._lock:
+            backup = self.store.set_aside_unreadable()
+            if backup is not None:
+                logger.warning("Moved the unreadable account file to %s", backup)
+            self.store.save(account)
+            self.account = account
+            self.load_error = None
+            self._refresh_not_before = 0.0
+            self._unsaved = False
 
     def _usable_account(self) -> Account:
         if self.load_error is not None:
@@ -742,28 +761,7 @@ class TokenManager:
         self._save(account)
 
     def _apply_token_payload(self, account: Account, payload: Mapping[str, Any]) -> None:
-        now = int(time.time())
-        account.access_token = payload["access_token"]
-        refresh_token = payload.get("refresh_token")
-        if isinstance(refresh_token, str) and refresh_token:
-            account.refresh_token = refresh_token
-        expires_in = payload.get("expires_in")
-        if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) and expires_in > 0:
-            account.expires_at = now + int(expires_in)
-        else:
-            account.expires_at = now + 3600
-            logger.warning("Token response had no usable expires_in; assuming one hour")
-        organization = payload.get("organization")
-        if isinstance(organization, dict) and isinstance(organization.get("uuid"), str):
-            account.organization_uuid = organization["uuid"]
-        details = payload.get("account")
-        if isinstance(details, dict):
-            if isinstance(details.get("email_address"), str):
-                account.account_email = details["email_address"]
-            if isinstance(details.get("uuid"), str):
-                account.account_uuid = details["uuid"]
-        account.status = "valid"
-        account.updated_at = now
+        update_account_from_token_payload(account, payload)
         self._refresh_not_before = 0.0
         logger.info(
             "Refreshed the access token for organization %s; it expires at %s",
@@ -773,6 +771,13 @@ class TokenManager:
         self._save(account)
 
     def _save(self, account: Account) -> None:
+        if self.store.changed_on_disk() and not self._unsaved:
+            # Another process (`python clove.py login` or an import) replaced the account while this
+            # refresh ran; its file wins over tokens that belong to the account it replaced.
+            logger.warning("Account file changed on disk during a refresh; loading it instead of saving")
+            self.reload()
+            self._refresh_not_before = 0.0
+            return
         try:
             self.store.save(account)
             self._unsaved = False
@@ -807,6 +812,35 @@ class TokenManager:
             "expires_in_seconds": expires_in,
             "refreshable": account.refreshable,
         }
+
+
+def update_account_from_token_payload(account: Account, payload: Mapping[str, Any]) -> None:
+    """Copy the tokens, expiry and account details of a token endpoint response into account.
+
+    A response without refresh_token keeps the old one, because the server may not rotate it.
+    """
+    now = int(time.time())
+    account.access_token = payload["access_token"]
+    refresh_token = payload.get("refresh_token")
+    if isinstance(refresh_token, str) and refresh_token:
+        account.refresh_token = refresh_token
+    expires_in = payload.get("expires_in")
+    if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) and expires_in > 0:
+        account.expires_at = now + int(expires_in)
+    else:
+        account.expires_at = now + 3600
+        logger.warning("Token response had no usable expires_in; assuming one hour")
+    organization = payload.get("organization")
+    if isinstance(organization, dict) and isinstance(organization.get("uuid"), str):
+        account.organization_uuid = organization["uuid"]
+    details = payload.get("account")
+    if isinstance(details, dict):
+        if isinstance(details.get("email_address"), str):
+            account.account_email = details["email_address"]
+        if isinstance(details.get("uuid"), str):
+            account.account_uuid = details["uuid"]
+    account.status = "valid"
+    account.updated_at = now
 
 
 class _RefreshRejected(Exception):
