@@ -28,7 +28,7 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
@@ -1803,19 +1803,32 @@ def free_port() -> int:
         return port
 
 
+def s256_challenge(code_verifier: str) -> str:
+    digest = hashlib.sha256(code_verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
+
+
 class FakeUpstreamServer:
-    """A fake Anthropic API and OAuth token endpoint served by uvicorn on a loopback port."""
+    """A fake Anthropic API and OAuth server (authorize page, token endpoint) on a loopback port.
+
+    The authorize page redirects at once to redirect_uri with a code and the state, as the real
+    one does after the person signs in. The token endpoint redeems each code once, and only with
+    the verifier whose S256 challenge the authorize page saw.
+    """
 
     def __init__(self) -> None:
         self.token_calls = 0
         self.refresh_tokens_seen: list[str] = []
         self.authorizations: list[str] = []
+        self.issued_codes: dict[str, dict[str, str]] = {}
+        self.code_exchanges: list[dict[str, Any]] = []
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         app = Starlette(
             routes=[
                 Route("/v1/messages", self.messages, methods=["POST"]),
                 Route("/v1/oauth/token", self.token, methods=["POST"]),
+                Route("/authorize", self.authorize, methods=["GET"]),
             ]
         )
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -1833,13 +1846,35 @@ class FakeUpstreamServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
 
+    async def authorize(self, request: Request) -> Response:
+        query = dict(request.query_params)
+        code = f"fake-code-{len(self.issued_codes) + 1}"
+        self.issued_codes[code] = query
+        location = query["redirect_uri"] + "?" + urllib.parse.urlencode({"code": code, "state": query["state"]})
+        return RedirectResponse(location, status_code=302)
+
     async def token(self, request: Request) -> Response:
         body = await request.json()
+        if body["grant_type"] == "authorization_code":
+            return self.exchange_code(body)
         self.token_calls += 1
         self.refresh_tokens_seen.append(body["refresh_token"])
         await anyio.sleep(0.2)
         number = self.token_calls
         return JSONResponse(token_payload(f"sk-ant-oat01-e2e-{number}", f"sk-ant-ort01-e2e-{number}"))
+
+    def exchange_code(self, body: dict[str, Any]) -> Response:
+        self.code_exchanges.append(body)
+        issued = self.issued_codes.pop(body["code"], None)
+        if (
+            issued is None
+            or s256_challenge(body["code_verifier"]) != issued["code_challenge"]
+            or body["redirect_uri"] != issued["redirect_uri"]
+            or body["state"] != issued["state"]
+        ):
+            return JSONResponse({"error": "invalid_grant", "error_description": "Invalid code"}, status_code=400)
+        number = len(self.code_exchanges)
+        return JSONResponse(token_payload(f"sk-ant-oat01-login-{number}", f"sk-ant-ort01-login-{number}"))
 
     async def messages(self, request: Request) -> Response:
         authorization = request.headers.get("authorization", "")
@@ -1864,19 +1899,23 @@ def upstream_server() -> Iterator[FakeUpstreamServer]:
         yield server
 
 
-def start_clove(data_folder: Path, upstream: FakeUpstreamServer, **environment: str) -> tuple[subprocess.Popen[str], str]:
-    port = free_port()
-    env = {
+def clove_environment(data_folder: Path, upstream: FakeUpstreamServer, **environment: str) -> dict[str, str]:
+    return {
         **os.environ,
         "CLOVE_ENV_FILE": "/nonexistent/clove.env",
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "API_KEY": API_KEY,
         "DATA_FOLDER": str(data_folder),
         "CLAUDE_API_BASEURL": upstream.base_url,
         "OAUTH_TOKEN_URL": upstream.base_url + "/v1/oauth/token",
+        "OAUTH_AUTHORIZE_URL": upstream.base_url + "/authorize",
         **environment,
     }
+
+
+def start_clove(
+    data_folder: Path, upstream: FakeUpstreamServer, port: int | None = None, **environment: str
+) -> tuple[subprocess.Popen[str], str]:
+    port = port or free_port()
+    env = clove_environment(data_folder, upstream, HOST="127.0.0.1", PORT=str(port), API_KEY=API_KEY, **environment)
     process = subprocess.Popen(
         [sys.executable, str(HERE / "clove.py")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -1941,10 +1980,13 @@ def test_end_to_end_with_anthropic_sdk(tmp_path: Path, upstream_server: FakeUpst
         for thread in threads:
             thread.join(timeout=30)
 
-        with pytest.raises(anthropic.AuthenticationError):
-            anthropic.Anthropic(base_url=base_url, api_key="wrong", max_retries=0).messages.create(
-                model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "Hi"}]
-            )
+        with anthropic.Anthropic(base_url=base_url, api_key="wrong", max_retries=0) as wrong_key_sdk:
+            with pytest.raises(anthropic.AuthenticationError):
+                wrong_key_sdk.messages.create(
+                    model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "Hi"}]
+                )
+        # An SDK client left open leaks its pooled socket, which warnings-as-errors then reports.
+        sdk.close()
     finally:
         output = stop_clove(process)
 
@@ -1960,6 +2002,75 @@ def test_end_to_end_with_anthropic_sdk(tmp_path: Path, upstream_server: FakeUpst
     assert "Refreshed the access token" in output
     assert "sk-ant-oat01-e2e" not in output
     assert API_KEY not in output
+
+
+def send_hello(base_url: str) -> str:
+    with anthropic.Anthropic(base_url=base_url, api_key=API_KEY, max_retries=0) as sdk:
+        message = sdk.messages.create(model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "Hi"}])
+    text: str = message.content[0].text  # type: ignore[union-attr]
+    return text
+
+
+def test_end_to_end_browser_login(tmp_path: Path, upstream_server: FakeUpstreamServer) -> None:
+    port = free_port()
+    redirect_uri = f"http://127.0.0.1:{port}/callback"
+    process, base_url = start_clove(tmp_path / "data", upstream_server, port, OAUTH_REDIRECT_URI=redirect_uri)
+    try:
+        health_before = httpx.get(base_url + "/health").json()
+        started = httpx.get(base_url + "/oauth/authorize", headers={"x-api-key": API_KEY})
+        # The browser's part: open the URL, sign in (the fake skips that) and follow the redirect.
+        callback = httpx.get(started.json()["authorization_url"], follow_redirects=True, timeout=30)
+        reply_text = send_hello(base_url)
+        health_after = httpx.get(base_url + "/health").json()
+    finally:
+        output = stop_clove(process)
+
+    exchange = upstream_server.code_exchanges[0]
+    assert health_before["account_status"] == "missing"
+    assert [response.status_code for response in callback.history] == [302]
+    assert callback.url.path == "/callback"
+    assert callback.json() == {"success": True, "message": "Account configured successfully", "organization_uuid": "org-1234"}
+    assert set(exchange) == {"grant_type", "code", "state", "client_id", "redirect_uri", "code_verifier"}
+    assert exchange["redirect_uri"] == redirect_uri
+    assert reply_text == "Hello from the fake upstream."
+    assert upstream_server.authorizations == ["Bearer sk-ant-oat01-login-1"]
+    assert health_after["account_valid"] is True
+    assert "GET /callback?(hidden)" in output
+    for secret in (exchange["code"], exchange["code_verifier"], "sk-ant-oat01-login-1", "sk-ant-ort01-login-1", API_KEY):
+        assert secret not in output
+
+
+def test_login_command_updates_running_server(tmp_path: Path, upstream_server: FakeUpstreamServer) -> None:
+    data_folder = tmp_path / "data"
+    clove.import_token(clove.Settings(data_folder=data_folder), "sk-ant-oat01-before-login")
+    process, base_url = start_clove(data_folder, upstream_server)
+    try:
+        text_before = send_hello(base_url)
+        login = subprocess.Popen(
+            [sys.executable, str(HERE / "clove.py"), "login"],
+            env=clove_environment(data_folder, upstream_server),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert login.stdout is not None
+        lines = [login.stdout.readline() for _ in range(3)]
+        authorization_url = lines[2].strip()
+        # The person opens the URL elsewhere and copies the address the OAuth server sent them to.
+        callback_url = httpx.get(authorization_url).headers["location"]
+        login_output, login_errors = login.communicate(callback_url + "\n", timeout=30)
+        text_after = send_hello(base_url)
+    finally:
+        output = stop_clove(process)
+
+    assert lines[0] == "Open this URL in a browser on any device and sign in to Claude:\n"
+    assert login.returncode == 0, login_errors
+    assert "Account configured successfully for organization org-1234." in login_output
+    assert text_before == text_after == "Hello from the fake upstream."
+    assert upstream_server.authorizations == ["Bearer sk-ant-oat01-before-login", "Bearer sk-ant-oat01-login-1"]
+    assert "Account file changed on disk" in output
+    assert "sk-ant-oat01-login-1" not in login_output + login_errors + output
 
 
 def test_uvicorn_factory_serves_health(tmp_path: Path) -> None:
