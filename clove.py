@@ -73,9 +73,9 @@ LONG_LIVED_TOKEN_NOTE = "long-lived token: never refreshed"
 
 # A login must finish this long after its authorization URL was made.
 PENDING_LOGIN_TTL_SECONDS = 600
-# Logins started and not finished that clove remembers; starting one more drops the oldest.
+# Maximum number of unfinished logins kept in memory. Starting one more drops the oldest.
 MAX_PENDING_LOGINS = 32
-# Both paths serve the OAuth redirect; /callback is the one a loopback redirect URI uses.
+# Both paths serve the OAuth redirect. /callback is the path that a loopback redirect URI uses.
 CALLBACK_PATHS = ("/oauth/callback", "/callback")
 START_AGAIN = "Start the login again with GET /oauth/authorize or `python clove.py login`."
 RETRY_LOGIN_LATER = "Wait a few minutes, then start the login again with GET /oauth/authorize or `clove.py login`."
@@ -129,7 +129,7 @@ class CloveError(Exception):
 
 
 class LoginError(CloveError):
-    """A failed OAuth login step; the message says what failed and how to start again."""
+    """A failed OAuth login step. Its message names what failed and how to start again."""
 
     status_code = 400
     error_type = "invalid_request_error"
@@ -795,7 +795,7 @@ class TokenManager:
     def _save(self, account: Account) -> None:
         if self.store.changed_on_disk() and not self._unsaved:
             # Another process (`python clove.py login` or an import) replaced the account while this
-            # refresh ran; its file wins over tokens that belong to the account it replaced.
+            # refresh ran. Its file wins over tokens that belong to the account it replaced.
             logger.warning("Account file changed on disk during a refresh; loading it instead of saving")
             self.reload()
             self._refresh_not_before = 0.0
@@ -1152,7 +1152,7 @@ class PendingLogin:
 class PendingLogins:
     """Pending logins keyed by state: each is used once, expires, and the oldest go first when full.
 
-    clock is time.monotonic in seconds; tests replace it to expire logins.
+    clock returns seconds (time.monotonic by default), and tests replace it to expire logins.
     """
 
     # NOTE: the logins live in one process, so a callback must reach the process that started its login.
@@ -1178,7 +1178,7 @@ class PendingLogins:
         return login
 
     def take(self, state: str) -> PendingLogin:
-        """Remove and return the login for state; raises LoginError when it is unknown or expired."""
+        """Remove and return the login for state. Raises LoginError when it is unknown or expired."""
         login = self._logins.pop(state, None)
         if login is None:
             raise LoginError(
@@ -1199,7 +1199,7 @@ class PendingLogins:
 
 
 def split_code_and_state(code: str, state: str | None) -> tuple[str, str]:
-    """Split the `CODE#STATE` form that Anthropic's callback page shows; a separate state must match."""
+    """Split the `CODE#STATE` form that Anthropic's callback page shows. A separate state must match."""
     code, hash_sign, embedded_state = code.strip().partition("#")
     if hash_sign and state and embedded_state != state:
         raise LoginError(f"The state after # in the code does not match the state parameter. {START_AGAIN}")
@@ -1238,7 +1238,7 @@ def check_authorization_error(query: Mapping[str, str]) -> None:
 
 
 async def exchange_code(settings: Settings, client: httpx.AsyncClient, login: PendingLogin, code: str) -> Account:
-    """Redeem code at the token endpoint and return the new account; nothing is saved here.
+    """Redeem code at the token endpoint and return the new account, without saving it.
 
     Raises LoginError with what failed and what to do. The code is redeemed once and never retried,
     because the OAuth server accepts each code only once.
@@ -1311,8 +1311,8 @@ def _code_exchange_failure(url: str, status_code: int, payload: object) -> Login
 
 
 async def _add_profile_details(settings: Settings, client: httpx.AsyncClient, account: Account) -> None:
-    # The token response usually names the organization; when it does not, the profile does. The
-    # tokens are good either way, so a failed lookup only leaves the organization unknown.
+    # The token response usually names the organization, and the profile does when it does not.
+    # The tokens are good either way, so a failed lookup only leaves the organization unknown.
     url = settings.claude_api_baseurl + "/api/oauth/profile"
     headers = {"authorization": f"Bearer {account.access_token}", "anthropic-beta": OAUTH_BETA}
     try:
@@ -1343,14 +1343,15 @@ def log_login_completed(account: Account, path: Path) -> None:
 
 
 class HideCallbackQuery(logging.Filter):
-    """Replaces the query string in uvicorn access-log lines for the callback routes.
+    """A logging filter that hides the query string of callback requests in uvicorn's access log.
 
     That query carries the authorization code, which must not reach the logs.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         arguments = record.args
-        # uvicorn 0.30-0.55 logs (client, method, path with query, HTTP version, status).
+        # uvicorn 0.55 passes (client, method, path with query, HTTP version, status). Records of
+        # another shape pass unchanged.
         if isinstance(arguments, tuple) and len(arguments) == 5 and isinstance(arguments[2], str):
             path, question_mark, _ = arguments[2].partition("?")
             if question_mark and path in CALLBACK_PATHS:
@@ -1735,9 +1736,9 @@ def login_command(
     stdout: TextIO,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> Account:
-    """Run a login on the terminal: print the URL, read `CODE#STATE` or the callback URL, save the account.
+    """Print the authorization URL, read the pasted `CODE#STATE` or callback URL, and save the account.
 
-    Raises LoginError when the pasted text or the exchange fails; the stored account is then unchanged.
+    Raises LoginError when the pasted text or the exchange fails, and then the stored account is unchanged.
     """
     logins = PendingLogins(settings)
     login = logins.start()

@@ -1485,13 +1485,14 @@ LOGIN_FAILURES: list[tuple[str, Callable[[httpx.Request], Any], int, str]] = [
     ("timeout", fail_with(httpx.ReadTimeout("slow")), 504, "timed out after 30 seconds"),
     ("refused", fail_with(httpx.ConnectError("refused")), 502, "failed (ConnectError)"),
 ]
-
-
-@pytest.mark.parametrize(
+with_each_login_failure = pytest.mark.parametrize(
     ("failure", "status_code", "message"),
     [case[1:] for case in LOGIN_FAILURES],
     ids=[case[0] for case in LOGIN_FAILURES],
 )
+
+
+@with_each_login_failure
 def test_callback_failure_keeps_account(
     client: TestClient,
     fake: FakeAnthropic,
@@ -1567,7 +1568,7 @@ def test_callback_no_profile_call_with_organization(client: TestClient, fake: Fa
 
 
 def paste_from_output(output: io.StringIO, make_text: Callable[[dict[str, str]], str]) -> Callable[[], str]:
-    """A read_line for login_command that answers with text made from the URL it printed."""
+    """Make a read_line for login_command that returns text built from the URL it printed."""
 
     def read_line() -> str:
         url = next(line.strip() for line in output.getvalue().splitlines() if line.strip().startswith("https://"))
@@ -1618,11 +1619,7 @@ def test_login_command_rejects_input(
     assert store.path.read_bytes() == before
 
 
-@pytest.mark.parametrize(
-    ("failure", "status_code", "message"),
-    [case[1:] for case in LOGIN_FAILURES],
-    ids=[case[0] for case in LOGIN_FAILURES],
-)
+@with_each_login_failure
 def test_login_command_failure_keeps_account(
     settings: clove.Settings,
     fake: FakeAnthropic,
@@ -1636,9 +1633,10 @@ def test_login_command_failure_keeps_account(
     output = io.StringIO()
     read_line = paste_from_output(output, LOGIN_INPUTS["code#state"])
 
-    with pytest.raises(clove.LoginError, match=re.escape(message)):
+    with pytest.raises(clove.LoginError, match=re.escape(message)) as caught:
         clove.login_command(settings, read_line, output, httpx.MockTransport(fake))
 
+    assert caught.value.status_code == status_code
     assert store.path.read_bytes() == before
 
 
@@ -1754,7 +1752,7 @@ def test_login_logs_contain_no_secrets(client: TestClient, fake: FakeAnthropic, 
             client.get("/callback", params={"code": code, "state": query["state"]})
 
     verifiers = [json.loads(request.content)["code_verifier"] for request in fake.requests_to("/v1/oauth/token")]
-    # TestClient logs its own requests under "httpx2"; that is the browser's side, not clove's.
+    # TestClient logs its own requests under "httpx2". Those lines are the browser's side, not clove's.
     logged = "\n".join(record.getMessage() for record in caplog.records if record.name != "httpx2")
     assert "Login failed: The token endpoint" in logged
     assert "Login completed for organization org-1234" in logged
