@@ -7,6 +7,7 @@ clients by translating their requests to the Messages API and the replies back.
 
     python clove.py                            serve (also: uvicorn clove:create_app --factory)
     python clove.py import-claude-code [PATH]  import ~/.claude/.credentials.json
+    python clove.py login                      log in through a browser on any device, then paste the code
     python clove.py import-token [TOKEN|-]     import a long-lived token from `claude setup-token`
 
 Settings are read from, highest first: the process environment, the env file `clove.env` in the
@@ -22,6 +23,8 @@ import contextlib
 import dataclasses
 import email.utils
 import fcntl
+import hashlib
+import html
 import json
 import logging
 import math
@@ -32,11 +35,12 @@ import signal
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import anyio
 import httpx
@@ -47,7 +51,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -73,6 +77,16 @@ MAX_HONOURED_RETRY_AFTER_SECONDS = 20.0
 SAVE_RETRY_INTERVAL_SECONDS = 5.0
 RETRYABLE_STATUS_CODES = frozenset({500, 502, 503, 504, 529})
 LONG_LIVED_TOKEN_NOTE = "long-lived token: never refreshed"
+
+# A login must finish this long after its authorization URL was made.
+PENDING_LOGIN_TTL_SECONDS = 600
+# Maximum number of unfinished logins kept in memory. Starting one more drops the oldest.
+MAX_PENDING_LOGINS = 32
+# Both paths serve the OAuth redirect. /callback is the path that a loopback redirect URI uses.
+CALLBACK_PATHS = ("/oauth/callback", "/callback")
+START_AGAIN = "Start the login again with GET /oauth/authorize or `python clove.py login`."
+RETRY_LOGIN_LATER = "Wait a few minutes, then start the login again with GET /oauth/authorize or `clove.py login`."
+ACCOUNT_UNCHANGED = "Any stored account is unchanged."
 
 # Headers that describe one connection (RFC 9110 section 7.6.1) or that clove sets itself. They
 # are never copied between the client and the upstream.
@@ -130,6 +144,13 @@ class ChatRequestError(CloveError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+class LoginError(CloveError):
+    """A failed OAuth login step. Its message names what failed and how to start again."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
 
 
 class SettingsError(ValueError):
@@ -725,32 +746,51 @@ class TokenManager:
             logger.error("Account file is unreadable and will not be overwritten: %s", exc)
 
     def _sync_with_store(self) -> None:
-        if self._unsaved:
-            self._retry_save()
-        elif self.store.changed_on_disk():
+        # A file written by another process wins over tokens that are still waiting to be saved.
+        if self.store.changed_on_disk():
             logger.info("Account file changed on disk; reloading %s", self.store.path)
             self.reload()
             self._refresh_not_before = 0.0
+            self._unsaved = False
+        elif self._unsaved:
+            self._retry_save()
+
+    async def replace_account(self, account: Account) -> None:
+        """Save account as the one clove serves and serve it from now on.
+
+        Holds the refresh locks, so no refresh of the previous account in any process can overwrite it. An
+        unreadable account file is renamed aside first. Raises OSError when the save fails, and
+        then the previous account stays in place.
+        """
+        async with self._lock, data_folder_lock_async(self.settings.data_folder):
+            backup = self.store.set_aside_unreadable()
+            if backup is not None:
+                logger.warning("Moved the unreadable account file to %s", backup)
+            self.store.save(account)
+            self.account = account
+            self.load_error = None
+            self._refresh_not_before = 0.0
+            self._unsaved = False
 
     def _usable_account(self) -> Account:
         if self.load_error is not None:
             raise CloveError(
-                f"clove cannot use its account file: {self.load_error}. Fix the file, or move it away and "
-                "import the account again with `python clove.py import-claude-code`.",
+                f"clove cannot use its account file: {self.load_error}. Fix the file, or log in again with "
+                "`python clove.py login` (or import with `python clove.py import-claude-code`), which moves it aside.",
                 status_code=401,
                 error_type="authentication_error",
             )
         if self.account is None:
             raise CloveError(
-                "clove has no Claude account yet. Add one on the clove host with "
-                "`python clove.py import-claude-code` or `python clove.py import-token`.",
+                "clove has no Claude account yet. Log in with `python clove.py login` or GET /oauth/authorize, or "
+                "import one on the clove host with `python clove.py import-claude-code` or `import-token`.",
                 status_code=401,
                 error_type="authentication_error",
             )
         if self.account.status != "valid":
             raise CloveError(
-                "The Claude account's refresh token was rejected by the OAuth server. Log in again, for "
-                "example with `python clove.py import-claude-code` after `claude /login`.",
+                "The Claude account's refresh token was rejected by the OAuth server. Log in again with "
+                "`python clove.py login` or GET /oauth/authorize.",
                 status_code=401,
                 error_type="authentication_error",
             )
@@ -817,7 +857,7 @@ class TokenManager:
         except _RefreshRejected as exc:
             stored = self._newer_stored_account(account) if retry_with_stored else None
             if stored is not None:
-                logger.warning("Refresh token rejected, but %s holds a newer one; using it", self.store.path)
+                logger.warning("Refresh token rejected, but %s holds other tokens; using them", self.store.path)
                 self.account = stored
                 if not stored.needs_refresh(time.time(), self.settings.refresh_leeway_seconds):
                     return stored.access_token
@@ -825,7 +865,7 @@ class TokenManager:
             self._mark_invalid(account, exc.reason)
             raise CloveError(
                 "The Claude account's refresh token was rejected by the OAuth server "
-                f"({exc.reason}). Log in again, for example with `python clove.py import-claude-code`.",
+                f"({exc.reason}). Log in again with `python clove.py login` or GET /oauth/authorize.",
                 status_code=401,
                 error_type="authentication_error",
             ) from None
@@ -835,12 +875,14 @@ class TokenManager:
         return account.access_token
 
     def _newer_stored_account(self, account: Account) -> Account | None:
-        """The stored account when it holds a different, valid refresh token than account."""
+        """The stored account when it is valid and holds other tokens than account."""
         try:
             stored = self.store.load()
         except AccountFileError:
             return None
-        if stored is None or stored.status != "valid" or stored.refresh_token in (None, account.refresh_token):
+        if stored is None or stored.status != "valid":
+            return None
+        if (stored.access_token, stored.refresh_token) == (account.access_token, account.refresh_token):
             return None
         return stored
 
@@ -910,28 +952,7 @@ class TokenManager:
         self._save(account)
 
     def _apply_token_payload(self, account: Account, payload: Mapping[str, Any]) -> None:
-        now = int(time.time())
-        account.access_token = payload["access_token"]
-        refresh_token = payload.get("refresh_token")
-        if isinstance(refresh_token, str) and refresh_token:
-            account.refresh_token = refresh_token
-        expires_in = payload.get("expires_in")
-        if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) and expires_in > 0:
-            account.expires_at = now + int(expires_in)
-        else:
-            account.expires_at = now + 3600
-            logger.warning("Token response had no usable expires_in; assuming one hour")
-        organization = payload.get("organization")
-        if isinstance(organization, dict) and isinstance(organization.get("uuid"), str):
-            account.organization_uuid = organization["uuid"]
-        details = payload.get("account")
-        if isinstance(details, dict):
-            if isinstance(details.get("email_address"), str):
-                account.account_email = details["email_address"]
-            if isinstance(details.get("uuid"), str):
-                account.account_uuid = details["uuid"]
-        account.status = "valid"
-        account.updated_at = now
+        update_account_from_token_payload(account, payload)
         self._refresh_not_before = 0.0
         logger.info(
             "Refreshed the access token for organization %s; it expires at %s",
@@ -941,6 +962,13 @@ class TokenManager:
         self._save(account)
 
     def _save(self, account: Account) -> None:
+        if self.store.changed_on_disk() and not self._unsaved:
+            # Another process (`python clove.py login` or an import) replaced the account while this
+            # refresh ran. Its file wins over tokens that belong to the account it replaced.
+            logger.warning("Account file changed on disk during a refresh; loading it instead of saving")
+            self.reload()
+            self._refresh_not_before = 0.0
+            return
         try:
             self.store.save(account)
             self._unsaved = False
@@ -984,6 +1012,35 @@ class TokenManager:
             "expires_in_seconds": expires_in,
             "refreshable": account.refreshable,
         }
+
+
+def update_account_from_token_payload(account: Account, payload: Mapping[str, Any]) -> None:
+    """Copy the tokens, expiry and account details of a token endpoint response into account.
+
+    A response without refresh_token keeps the old one, because the server may not rotate it.
+    """
+    now = int(time.time())
+    account.access_token = payload["access_token"]
+    refresh_token = payload.get("refresh_token")
+    if isinstance(refresh_token, str) and refresh_token:
+        account.refresh_token = refresh_token
+    expires_in = payload.get("expires_in")
+    if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) and expires_in > 0:
+        account.expires_at = now + int(expires_in)
+    else:
+        account.expires_at = now + 3600
+        logger.warning("Token response had no usable expires_in; assuming one hour")
+    organization = payload.get("organization")
+    if isinstance(organization, dict) and isinstance(organization.get("uuid"), str):
+        account.organization_uuid = organization["uuid"]
+    details = payload.get("account")
+    if isinstance(details, dict):
+        if isinstance(details.get("email_address"), str):
+            account.account_email = details["email_address"]
+        if isinstance(details.get("uuid"), str):
+            account.account_uuid = details["uuid"]
+    account.status = "valid"
+    account.updated_at = now
 
 
 class _RefreshRejected(Exception):
@@ -2158,6 +2215,273 @@ def _excerpt(body: bytes) -> str:
     return text
 
 
+# --- OAuth login ---
+# The authorization code grant with PKCE (RFC 6749 section 4.1, RFC 7636), as Claude Code 2.1.332
+# runs it. The routes, and `python clove.py login`, start a login and finish it with these pieces.
+
+
+def make_code_verifier() -> str:
+    # 32 random bytes give 43 URL-safe characters, the minimum length RFC 7636 allows.
+    return secrets.token_urlsafe(32)
+
+
+def make_code_challenge(code_verifier: str) -> str:
+    # S256: the unpadded URL-safe base64 of the verifier's SHA-256 (RFC 7636 section 4.2).
+    digest = hashlib.sha256(code_verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def build_authorization_url(settings: Settings, code_challenge: str, state: str) -> str:
+    query = urllib.parse.urlencode(
+        {
+            "code": "true",
+            "client_id": settings.oauth_client_id,
+            "response_type": "code",
+            "redirect_uri": settings.oauth_redirect_uri,
+            "scope": settings.oauth_scopes,
+            "code_challenge": code_challenge,
+            "code_challenge_method": "S256",
+            "state": state,
+        },
+        quote_via=urllib.parse.quote,
+    )
+    separator = "&" if "?" in settings.oauth_authorize_url else "?"
+    return settings.oauth_authorize_url + separator + query
+
+
+@dataclass
+class PendingLogin:
+    """A login whose authorization URL went out and whose code has not come back yet."""
+
+    state: str = field(repr=False)
+    code_verifier: str = field(repr=False)
+    redirect_uri: str
+    authorization_url: str = field(repr=False)
+    created_at: float
+
+
+class PendingLogins:
+    """Pending logins keyed by state: each is used once, expires, and the oldest go first when full.
+
+    clock returns seconds (time.monotonic by default), and tests replace it to expire logins.
+    """
+
+    # NOTE: the logins live in one process, so a callback must reach the process that started its login.
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._logins: dict[str, PendingLogin] = {}
+
+    def __len__(self) -> int:
+        return len(self._logins)
+
+    def start(self) -> PendingLogin:
+        """Create a verifier and a state, remember them, and return the login with its URL."""
+        self._drop_expired()
+        while len(self._logins) >= MAX_PENDING_LOGINS:
+            del self._logins[next(iter(self._logins))]
+        code_verifier = make_code_verifier()
+        state = secrets.token_urlsafe(32)
+        url = build_authorization_url(self.settings, make_code_challenge(code_verifier), state)
+        login = PendingLogin(state, code_verifier, self.settings.oauth_redirect_uri, url, self.clock())
+        self._logins[state] = login
+        return login
+
+    def take(self, state: str) -> PendingLogin:
+        """Remove and return the login for state. Raises LoginError when it is unknown or expired."""
+        login = self._logins.pop(state, None)
+        if login is None:
+            raise LoginError(
+                "No pending login has this state: it was used already, it expired, or another clove "
+                f"process (or this one before a restart) started it. {START_AGAIN}"
+            )
+        if self._expired(login):
+            minutes = PENDING_LOGIN_TTL_SECONDS // 60
+            raise LoginError(f"This login expired: it was started more than {minutes} minutes ago. {START_AGAIN}")
+        return login
+
+    def _expired(self, login: PendingLogin) -> bool:
+        return self.clock() - login.created_at > PENDING_LOGIN_TTL_SECONDS
+
+    def _drop_expired(self) -> None:
+        for state in [state for state, login in self._logins.items() if self._expired(login)]:
+            del self._logins[state]
+
+
+def split_code_and_state(code: str, state: str | None) -> tuple[str, str]:
+    """Split the `CODE#STATE` form that Anthropic's callback page shows. A separate state must match."""
+    code, hash_sign, embedded_state = code.strip().partition("#")
+    if hash_sign and state and embedded_state != state:
+        raise LoginError(f"The state after # in the code does not match the state parameter. {START_AGAIN}")
+    state = state or embedded_state
+    if not code:
+        raise LoginError(f"The authorization code is missing. {START_AGAIN}")
+    if not state:
+        raise LoginError(f"The state is missing: paste the whole CODE#STATE text or the callback URL. {START_AGAIN}")
+    return code, state
+
+
+def parse_pasted_code(text: str) -> tuple[str, str]:
+    """Return code and state from pasted `CODE#STATE` text or a whole callback URL."""
+    text = text.strip()
+    if "://" not in text:
+        return split_code_and_state(text, None)
+    parts = urllib.parse.urlsplit(text)
+    query = dict(urllib.parse.parse_qsl(parts.query))
+    check_authorization_error(query)
+    code = query.get("code")
+    if code is None:
+        raise LoginError(f"The pasted URL has no code parameter. {START_AGAIN}")
+    # An unencoded # in `?code=CODE#STATE` puts the state into the URL fragment.
+    state = query.get("state") or (parts.fragment if "#" not in code else None)
+    return split_code_and_state(code, state or None)
+
+
+def check_authorization_error(query: Mapping[str, str]) -> None:
+    """Raise LoginError when the authorization server redirected back with an error (RFC 6749 4.1.2.1)."""
+    error = query.get("error")
+    if error is None:
+        return
+    description = query.get("error_description", "")
+    detail = f"{error}: {description[:200]}" if description else error
+    raise LoginError(f"The authorization server did not grant access ({detail}). {START_AGAIN}")
+
+
+async def exchange_code(settings: Settings, client: httpx.AsyncClient, login: PendingLogin, code: str) -> Account:
+    """Redeem code at the token endpoint and return the new account, without saving it.
+
+    Raises LoginError with what failed and what to do. The code is redeemed once and never retried,
+    because the OAuth server accepts each code only once.
+    """
+    body = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "state": login.state,
+        "client_id": settings.oauth_client_id,
+        "redirect_uri": login.redirect_uri,
+        "code_verifier": login.code_verifier,
+    }
+    payload = await _post_code_exchange(settings.oauth_token_url, client, body, settings.token_timeout)
+    now = int(time.time())
+    account = Account(organization_uuid=None, access_token="", refresh_token=None, expires_at=None, created_at=now)
+    update_account_from_token_payload(account, payload)
+    if account.organization_uuid is None:
+        await _add_profile_details(settings, client, account)
+    return account
+
+
+async def _post_code_exchange(
+    url: str, client: httpx.AsyncClient, body: dict[str, str], timeout: float
+) -> dict[str, Any]:
+    try:
+        response = await client.post(url, json=body, timeout=timeout)
+    except httpx.TimeoutException:
+        raise LoginError(
+            f"The token request to {url} timed out after {timeout:g} seconds. "
+            f"{ACCOUNT_UNCHANGED} {RETRY_LOGIN_LATER}",
+            status_code=504,
+            error_type="api_error",
+        ) from None
+    except httpx.TransportError as exc:
+        raise LoginError(
+            f"The token request to {url} failed ({type(exc).__name__}). {ACCOUNT_UNCHANGED} {RETRY_LOGIN_LATER}",
+            status_code=502,
+            error_type="api_error",
+        ) from None
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = None
+    access_token = payload.get("access_token") if isinstance(payload, dict) else None
+    if response.status_code == 200 and isinstance(access_token, str) and access_token:
+        return payload  # type: ignore[no-any-return]
+    raise _code_exchange_failure(url, response.status_code, payload)
+
+
+def _code_exchange_failure(url: str, status_code: int, payload: object) -> LoginError:
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if status_code == 400 and error == "invalid_grant":
+        return LoginError(
+            f"The token endpoint {url} rejected the authorization code (status 400, invalid_grant). A code "
+            f"works once and only for a few minutes. {ACCOUNT_UNCHANGED} {START_AGAIN}"
+        )
+    if status_code == 200:
+        shown = "status 200 without an access_token"
+    else:
+        shown = f"status {status_code}" + (f", error {error}" if isinstance(error, str) else "")
+    if payload is None:
+        shown += ", with a body that is not JSON"
+    if 400 <= status_code < 500 and status_code != 429:
+        advice = f"Check OAUTH_TOKEN_URL, OAUTH_CLIENT_ID and OAUTH_REDIRECT_URI. {START_AGAIN}"
+    else:
+        advice = RETRY_LOGIN_LATER
+    return LoginError(
+        f"The token request to {url} failed with {shown}. {ACCOUNT_UNCHANGED} {advice}",
+        status_code=502,
+        error_type="api_error",
+    )
+
+
+async def _add_profile_details(settings: Settings, client: httpx.AsyncClient, account: Account) -> None:
+    # The token response usually names the organization, and the profile does when it does not.
+    # The tokens are good either way, so a failed lookup only leaves the organization unknown.
+    url = settings.claude_api_baseurl + "/api/oauth/profile"
+    headers = {"authorization": f"Bearer {account.access_token}", "anthropic-beta": OAUTH_BETA}
+    try:
+        response = await client.get(url, headers=headers, timeout=settings.token_timeout)
+        profile = response.json() if response.status_code == 200 else None
+    except (httpx.TransportError, ValueError) as exc:
+        logger.warning("Fetching %s failed (%s); saving the account without an organization", url, type(exc).__name__)
+        return
+    if not isinstance(profile, dict):
+        logger.warning(
+            "Fetching %s returned status %d; saving the account without an organization", url, response.status_code
+        )
+        return
+    organization = profile.get("organization")
+    if isinstance(organization, dict) and isinstance(organization.get("uuid"), str):
+        account.organization_uuid = organization["uuid"]
+    details = profile.get("account")
+    if isinstance(details, dict):
+        email = details.get("email_address", details.get("email"))
+        if account.account_email is None and isinstance(email, str):
+            account.account_email = email
+        if account.account_uuid is None and isinstance(details.get("uuid"), str):
+            account.account_uuid = details["uuid"]
+
+
+def log_login_completed(account: Account, path: Path) -> None:
+    logger.info("Login completed for organization %s; saved %s", account.organization_uuid or "(unknown)", path)
+
+
+class HideCallbackQuery(logging.Filter):
+    """A logging filter that hides the query string of callback requests in uvicorn's access log.
+
+    That query carries the authorization code, which must not reach the logs.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        arguments = record.args
+        # uvicorn 0.55 passes (client, method, path with query, HTTP version, status). Records of
+        # another shape pass unchanged.
+        if isinstance(arguments, tuple) and len(arguments) == 5 and isinstance(arguments[2], str):
+            path, question_mark, _ = arguments[2].partition("?")
+            if question_mark and path in CALLBACK_PATHS:
+                record.args = (*arguments[:2], path + "?(hidden)", *arguments[3:])
+        return True
+
+
+def render_login_page(title: str, message: str, status_code: int) -> HTMLResponse:
+    page = (
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>clove: {html.escape(title)}</title></head>\n"
+        f"<body style=\"font-family: sans-serif; max-width: 40em; margin: 3em auto\">\n"
+        f"<h1>{html.escape(title)}</h1>\n<p>{html.escape(message)}</p>\n</body></html>\n"
+    )
+    return HTMLResponse(page, status_code=status_code)
+
+
 # --- Routes ---
 
 
@@ -2489,6 +2813,69 @@ def _error_response_for(
     return JSONResponse(openai_error_body(message, openai_type, param, code), status_code=status_code, headers=headers)
 
 
+# --- Routes: OAuth login ---
+
+
+class LoginRoutes:
+    """The OAuth login routes, with the pending logins they share."""
+
+    def __init__(self, settings: Settings, proxy: Proxy, tokens: TokenManager, client: httpx.AsyncClient) -> None:
+        self.settings = settings
+        self.proxy = proxy
+        self.tokens = tokens
+        self.client = client
+        self.logins = PendingLogins(settings)
+
+    async def authorize(self, request: Request) -> Response:
+        # The proxy key is required, so that nobody else can bind their account to this clove.
+        self.proxy.check_api_key(request)
+        login = self.logins.start()
+        logger.info("Login started; %d pending, redirect URI %s", len(self.logins), login.redirect_uri)
+        return JSONResponse({"authorization_url": login.authorization_url})
+
+    async def callback(self, request: Request) -> Response:
+        # No proxy key here: the browser arrives from the OAuth server, and the state protects the route.
+        wants_html = "text/html" in request.headers.get("accept", "")
+        try:
+            account = await self._complete(request.query_params)
+        except LoginError as exc:
+            level = logging.ERROR if exc.status_code >= 500 else logging.WARNING
+            logger.log(level, "Login failed: %s", exc.message)
+            if wants_html:
+                return render_login_page("Login failed", exc.message, exc.status_code)
+            return error_response(exc.status_code, exc.error_type, exc.message)
+
+        message = "Account configured successfully"
+        if wants_html:
+            organization = account.organization_uuid or "(unknown)"
+            details = f"clove now serves the Claude account of organization {organization}. You can close this page."
+            return render_login_page(message, details, 200)
+        return JSONResponse({"success": True, "message": message, "organization_uuid": account.organization_uuid})
+
+    async def _complete(self, query: Mapping[str, str]) -> Account:
+        state = query.get("state")
+        if "error" in query and state:
+            # The person declined or the server failed; this login cannot finish, so forget it.
+            with contextlib.suppress(LoginError):
+                self.logins.take(state)
+        check_authorization_error(query)
+        code, state = split_code_and_state(query.get("code", ""), state)
+        login = self.logins.take(state)
+
+        account = await exchange_code(self.settings, self.client, login, code)
+        try:
+            await self.tokens.replace_account(account)
+        except OSError as exc:
+            raise LoginError(
+                f"Saving {self.tokens.store.path} failed ({exc.strerror}). {ACCOUNT_UNCHANGED} Fix the data "
+                f"folder. {START_AGAIN}",
+                status_code=500,
+                error_type="api_error",
+            ) from None
+        log_login_completed(account, self.tokens.store.path)
+        return account
+
+
 async def handle_clove_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, CloveError)
     if exc.status_code >= 500:
@@ -2531,6 +2918,8 @@ def create_app(settings: Settings | None = None, transport: httpx.AsyncBaseTrans
     store = AccountStore(settings.data_folder)
     tokens = TokenManager(settings, store, client)
     proxy = Proxy(settings, api_key, tokens, Upstream(settings, tokens, client))
+    login = LoginRoutes(settings, proxy, tokens, client)
+    hide_callback_query = HideCallbackQuery()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -2541,9 +2930,12 @@ def create_app(settings: Settings | None = None, transport: httpx.AsyncBaseTrans
             details["account_status"],
             settings.claude_api_baseurl,
         )
+        # uvicorn has configured its loggers by the time the lifespan starts.
+        logging.getLogger("uvicorn.access").addFilter(hide_callback_query)
         try:
             yield
         finally:
+            logging.getLogger("uvicorn.access").removeFilter(hide_callback_query)
             await client.aclose()
             logger.info("clove stopped")
 
@@ -2554,6 +2946,8 @@ def create_app(settings: Settings | None = None, transport: httpx.AsyncBaseTrans
         Route(CHAT_COMPLETIONS_PATH, proxy.chat_completions, methods=["POST"]),
         Route("/v1/models", proxy.models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", proxy.models, methods=["GET"]),
+        Route("/oauth/authorize", login.authorize, methods=["GET"]),
+        *(Route(path, login.callback, methods=["GET"]) for path in CALLBACK_PATHS),
     ]
     middleware = []
     if settings.cors_origins:
@@ -2571,6 +2965,7 @@ def create_app(settings: Settings | None = None, transport: httpx.AsyncBaseTrans
         },
     )
     app.state.tokens = tokens
+    app.state.logins = login.logins
     app.state.settings = settings
     return app
 
@@ -2651,6 +3046,45 @@ def import_token(settings: Settings, token: str) -> Account:
     return account
 
 
+def login_command(
+    settings: Settings,
+    read_line: Callable[[], str],
+    stdout: TextIO,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Account:
+    """Print the authorization URL, read the pasted `CODE#STATE` or callback URL, and save the account.
+
+    Raises LoginError when the pasted text or the exchange fails, and then the stored account is unchanged.
+    """
+    logins = PendingLogins(settings)
+    login = logins.start()
+    print("Open this URL in a browser on any device and sign in to Claude:\n", file=stdout)
+    print(f"    {login.authorization_url}\n", file=stdout)
+    print("Then paste the code the page shows (CODE#STATE), or the whole URL you were sent to,", file=stdout)
+    print("and press Enter:", file=stdout)
+    stdout.flush()
+
+    code, state = parse_pasted_code(read_line())
+    if not secrets.compare_digest(state.encode("utf-8"), login.state.encode("utf-8")):
+        raise LoginError(
+            "The pasted state does not belong to the URL printed above. Paste the code for that URL, or run "
+            "`python clove.py login` again."
+        )
+    login = logins.take(state)
+
+    account = anyio.run(_exchange_with_new_client, settings, login, code, transport)
+    _save_imported(settings, account)
+    log_login_completed(account, settings.data_folder / "account.json")
+    return account
+
+
+async def _exchange_with_new_client(
+    settings: Settings, login: PendingLogin, code: str, transport: httpx.AsyncBaseTransport | None
+) -> Account:
+    async with httpx.AsyncClient(transport=transport, follow_redirects=False) as client:
+        return await exchange_code(settings, client, login, code)
+
+
 def _save_imported(settings: Settings, account: Account) -> None:
     store = AccountStore(settings.data_folder)
     # Waits for a refresh in a running clove, which would otherwise save over the new account.
@@ -2662,6 +3096,7 @@ def _save_imported(settings: Settings, account: Account) -> None:
 
 
 USAGE = """usage: python clove.py [serve]
+       python clove.py login                       (log in through a browser on any device, paste the code)
        python clove.py import-claude-code [PATH]   (default PATH: ~/.claude/.credentials.json)
        python clove.py import-token [TOKEN|-]      (reads the token from standard input when - or omitted)"""
 
@@ -2696,13 +3131,22 @@ def main(argv: list[str] | None = None) -> int:
             account = import_claude_code(settings, path)
             print(f"Imported the Claude Code account into {settings.data_folder / 'account.json'}; {_describe_expiry(account)}")
             return EXIT_OK
+        if command == "login" and len(arguments) == 1:
+            account = login_command(settings, sys.stdin.readline, sys.stdout)
+            print(f"Account configured successfully for organization {account.organization_uuid or '(unknown)'}.")
+            print(f"Saved to {settings.data_folder / 'account.json'}; {_describe_expiry(account)}.")
+            print("A running clove serves it from its next request; there is no need to restart it.")
+            return EXIT_OK
         if command == "import-token" and len(arguments) <= 2:
             token = arguments[1] if len(arguments) == 2 and arguments[1] != "-" else sys.stdin.readline()
             import_token(settings, token)
             print(f"Imported the token into {settings.data_folder / 'account.json'}; {LONG_LIVED_TOKEN_NOTE}")
             return EXIT_OK
     except (AccountFileError, OSError) as exc:
-        print(f"clove: import failed: {exc}", file=sys.stderr)
+        print(f"clove: {command} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except LoginError as exc:
+        print(f"clove: login failed: {exc.message}", file=sys.stderr)
         return EXIT_FAILURE
     print(USAGE, file=sys.stderr)
     return EXIT_USAGE

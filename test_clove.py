@@ -1,17 +1,23 @@
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import gzip
+import hashlib
+import io
 import json
 import logging
 import os
+import re
 import socket
 import stat
+import string
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +30,7 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
@@ -1194,6 +1200,639 @@ def test_parse_retry_after_http_date() -> None:
 )
 def test_merge_beta_header(client_value: str | None, expected: str) -> None:
     assert clove.merge_beta_header(client_value) == expected
+
+
+# --- OAuth login ---
+
+
+def authorization_query(url: str) -> dict[str, str]:
+    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+
+
+def start_login(client: TestClient) -> dict[str, str]:
+    response = client.get("/oauth/authorize")
+    assert response.status_code == 200
+    return authorization_query(response.json()["authorization_url"])
+
+
+def exchange_body(fake: FakeAnthropic) -> dict[str, Any]:
+    requests = fake.requests_to("/v1/oauth/token")
+    assert len(requests) == 1
+    body: dict[str, Any] = json.loads(requests[0].content)
+    return body
+
+
+def test_code_challenge_matches_verifier() -> None:
+    verifier = clove.make_code_verifier()
+    digest = hashlib.sha256(verifier.encode()).digest()
+
+    assert 43 <= len(verifier) <= 128
+    assert set(verifier) <= set(string.ascii_letters + string.digits + "-._~")
+    assert clove.make_code_challenge(verifier) == base64.urlsafe_b64encode(digest).decode().rstrip("=")
+    assert "=" not in clove.make_code_challenge(verifier)
+    assert clove.make_code_verifier() != verifier
+
+
+def test_code_challenge_rfc_example() -> None:
+    # The S256 example in RFC 7636 appendix B.
+    verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"
+    assert clove.make_code_challenge(verifier) == "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+
+
+def test_authorization_url_carries_each_parameter(settings: clove.Settings) -> None:
+    login = clove.PendingLogins(settings).start()
+    parts = urllib.parse.urlsplit(login.authorization_url)
+
+    assert f"{parts.scheme}://{parts.netloc}{parts.path}" == settings.oauth_authorize_url
+    assert authorization_query(login.authorization_url) == {
+        "code": "true",
+        "client_id": settings.oauth_client_id,
+        "response_type": "code",
+        "redirect_uri": settings.oauth_redirect_uri,
+        "scope": "user:profile user:inference",
+        "code_challenge": clove.make_code_challenge(login.code_verifier),
+        "code_challenge_method": "S256",
+        "state": login.state,
+    }
+    assert " " not in parts.query
+    assert "scope=user%3Aprofile%20user%3Ainference" in parts.query
+    assert login.code_verifier not in login.authorization_url
+    assert login.state != login.code_verifier
+
+
+def test_pending_login_repr_hides_secrets(settings: clove.Settings) -> None:
+    login = clove.PendingLogins(settings).start()
+    assert login.code_verifier not in repr(login)
+    assert login.state not in repr(login)
+
+
+def test_pending_login_single_use(settings: clove.Settings) -> None:
+    logins = clove.PendingLogins(settings)
+    login = logins.start()
+
+    assert logins.take(login.state) is login
+    with pytest.raises(clove.LoginError, match="^No pending login has this state: it was used already"):
+        logins.take(login.state)
+
+
+def test_pending_login_expires_after_ten_minutes(settings: clove.Settings) -> None:
+    now = [1000.0]
+    logins = clove.PendingLogins(settings, clock=lambda: now[0])
+    fresh = logins.start()
+    stale = logins.start()
+
+    now[0] += 600
+    assert logins.take(fresh.state) is fresh
+    now[0] += 1
+    with pytest.raises(clove.LoginError, match="^This login expired: it was started more than 10 minutes ago"):
+        logins.take(stale.state)
+
+
+def test_pending_logins_drop_oldest_first(settings: clove.Settings) -> None:
+    logins = clove.PendingLogins(settings)
+    started = [logins.start() for _ in range(clove.MAX_PENDING_LOGINS + 2)]
+
+    assert len(logins) == clove.MAX_PENDING_LOGINS
+    for dropped in started[:2]:
+        with pytest.raises(clove.LoginError, match="No pending login"):
+            logins.take(dropped.state)
+    assert logins.take(started[2].state) is started[2]
+    assert logins.take(started[-1].state) is started[-1]
+
+
+def test_pending_logins_drop_expired_on_start(settings: clove.Settings) -> None:
+    now = [0.0]
+    logins = clove.PendingLogins(settings, clock=lambda: now[0])
+    logins.start()
+    now[0] += 601
+    logins.start()
+    assert len(logins) == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "state", "expected"),
+    [
+        ("abc", "xyz", ("abc", "xyz")),
+        ("abc#xyz", None, ("abc", "xyz")),
+        ("abc#xyz", "xyz", ("abc", "xyz")),
+        (" abc#xyz\n", None, ("abc", "xyz")),
+    ],
+)
+def test_split_code_and_state(code: str, state: str | None, expected: tuple[str, str]) -> None:
+    assert clove.split_code_and_state(code, state) == expected
+
+
+@pytest.mark.parametrize(
+    ("code", "state", "message"),
+    [
+        ("abc#xyz", "other", "The state after # in the code does not match the state parameter."),
+        ("abc", None, "The state is missing"),
+        ("#xyz", None, "The authorization code is missing."),
+        ("", "xyz", "The authorization code is missing."),
+    ],
+)
+def test_split_code_and_state_rejects(code: str, state: str | None, message: str) -> None:
+    with pytest.raises(clove.LoginError, match="^" + re.escape(message)):
+        clove.split_code_and_state(code, state)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "CODE#STATE",
+        "CODE#STATE\n",
+        "https://platform.claude.com/oauth/code/callback?code=CODE&state=STATE",
+        "https://platform.claude.com/oauth/code/callback?code=CODE%23STATE",
+        "https://platform.claude.com/oauth/code/callback?code=CODE%23STATE&state=STATE",
+        "https://platform.claude.com/oauth/code/callback?code=CODE#STATE",
+        "  http://localhost:5201/callback?state=STATE&code=CODE  ",
+    ],
+)
+def test_parse_pasted_code(text: str) -> None:
+    assert clove.parse_pasted_code(text) == ("CODE", "STATE")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "The authorization code is missing."),
+        ("CODE", "The state is missing"),
+        ("https://platform.claude.com/oauth/code/callback?state=STATE", "The pasted URL has no code parameter."),
+        (
+            "http://localhost:5201/callback?error=access_denied&error_description=The+user+declined&state=S",
+            "The authorization server did not grant access (access_denied: The user declined).",
+        ),
+    ],
+)
+def test_parse_pasted_code_rejects(text: str, message: str) -> None:
+    with pytest.raises(clove.LoginError, match="^" + re.escape(message)):
+        clove.parse_pasted_code(text)
+
+
+def test_authorize_needs_api_key(client: TestClient) -> None:
+    client.headers.pop("x-api-key")
+    response = client.get("/oauth/authorize")
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "authentication_error"
+
+
+def test_authorize_returns_url(client: TestClient, settings: clove.Settings) -> None:
+    response = client.get("/oauth/authorize")
+    url = response.json()["authorization_url"]
+    assert list(response.json()) == ["authorization_url"]
+    assert url.startswith(settings.oauth_authorize_url + "?code=true&")
+    assert authorization_query(url)["state"] in client.app.state.logins._logins  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("path", ["/oauth/callback", "/callback"])
+@pytest.mark.parametrize("form", ["separate state", "code#state"])
+def test_callback_completes_login(
+    client: TestClient, fake: FakeAnthropic, store: clove.AccountStore, settings: clove.Settings, path: str, form: str
+) -> None:
+    query = start_login(client)
+    client.headers.pop("x-api-key")
+    if form == "separate state":
+        params = {"code": "the-code", "state": query["state"]}
+    else:
+        params = {"code": "the-code#" + query["state"]}
+
+    response = client.get(path, params=params)
+
+    assert response.status_code == 200
+    assert response.json() == {"success": True, "message": "Account configured successfully", "organization_uuid": "org-1234"}
+    verifier = exchange_body(fake)["code_verifier"]
+    assert exchange_body(fake) == {
+        "grant_type": "authorization_code",
+        "code": "the-code",
+        "state": query["state"],
+        "client_id": settings.oauth_client_id,
+        "redirect_uri": settings.oauth_redirect_uri,
+        "code_verifier": verifier,
+    }
+    assert clove.make_code_challenge(verifier) == query["code_challenge"]
+    assert fake.requests_to("/v1/oauth/token")[0].headers["content-type"] == "application/json"
+    saved = store.load()
+    assert saved is not None
+    assert saved.access_token == NEW_ACCESS_TOKEN
+    assert saved.refresh_token == NEW_REFRESH_TOKEN
+    assert saved.account_email == "person@example.com"
+    assert saved.status == "valid"
+
+
+def test_callback_account_serves_requests(client: TestClient, fake: FakeAnthropic) -> None:
+    query = start_login(client)
+    client.get("/callback", params={"code": "c", "state": query["state"]})
+    response = post_message(client)
+    assert response.status_code == 200
+    assert fake.requests_to("/v1/messages")[0].headers["authorization"] == f"Bearer {NEW_ACCESS_TOKEN}"
+
+
+def test_callback_replaces_invalid_account(settings: clove.Settings, fake: FakeAnthropic) -> None:
+    account_store = expired_store(settings)
+    fake.queue("/v1/oauth/token", reply(400, json={"error": "invalid_grant"}))
+    app = clove.create_app(settings, transport=httpx.MockTransport(fake))
+    with TestClient(app, headers={"x-api-key": API_KEY}) as test_client:
+        rejected = post_message(test_client)
+        query = start_login(test_client)
+        test_client.get("/callback", params={"code": "c", "state": query["state"]})
+        health = test_client.get("/health").json()
+        response = post_message(test_client)
+
+    assert rejected.status_code == 401
+    assert health["account_valid"] is True
+    assert response.status_code == 200
+    assert account_store.load().status == "valid"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("case", ["unknown", "reused", "mismatched", "expired"])
+def test_callback_bad_state_makes_no_token_call(
+    client: TestClient, fake: FakeAnthropic, store: clove.AccountStore, case: str
+) -> None:
+    before = store.path.read_bytes()
+    query = start_login(client)
+    params = {"code": "c", "state": query["state"]}
+    if case == "unknown":
+        params["state"] = "not-a-pending-state"
+    elif case == "reused":
+        assert client.get("/callback", params=params).status_code == 200
+        before = store.path.read_bytes()
+    elif case == "mismatched":
+        params = {"code": "c#not-the-state", "state": query["state"]}
+    else:
+        logins = client.app.state.logins  # type: ignore[attr-defined]
+        logins.clock = lambda: time.monotonic() + 601
+    token_calls = len(fake.requests_to("/v1/oauth/token"))
+
+    response = client.get("/callback", params=params)
+
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert "Start the login again" in response.json()["error"]["message"]
+    assert len(fake.requests_to("/v1/oauth/token")) == token_calls
+    assert store.path.read_bytes() == before
+
+
+def test_callback_without_code(client: TestClient, fake: FakeAnthropic) -> None:
+    query = start_login(client)
+    response = client.get("/callback", params={"state": query["state"]})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("The authorization code is missing.")
+    assert fake.requests == []
+
+
+def test_callback_access_denied_forgets_login(client: TestClient, fake: FakeAnthropic) -> None:
+    query = start_login(client)
+    denied = client.get("/callback", params={"error": "access_denied", "state": query["state"]})
+    retried = client.get("/callback", params={"code": "c", "state": query["state"]})
+
+    assert denied.status_code == 400
+    assert denied.json()["error"]["message"].startswith("The authorization server did not grant access (access_denied).")
+    assert retried.status_code == 400
+    assert fake.requests == []
+
+
+def test_callback_html_page(client: TestClient, fake: FakeAnthropic) -> None:
+    fake.queue("/v1/oauth/token", reply(200, json={**token_payload(), "organization": {"uuid": "<b>org</b>"}}))
+    query = start_login(client)
+    response = client.get("/callback", params={"code": "c", "state": query["state"]}, headers={"accept": "text/html,*/*"})
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    assert "<h1>Account configured successfully</h1>" in response.text
+    assert "&lt;b&gt;org&lt;/b&gt;" in response.text
+    assert "<b>org</b>" not in response.text
+
+
+def test_callback_html_error_page(client: TestClient) -> None:
+    response = client.get("/callback", params={"code": "<script>", "state": "x"}, headers={"accept": "text/html"})
+    assert response.status_code == 400
+    assert "<h1>Login failed</h1>" in response.text
+    assert "Start the login again" in response.text
+
+
+LOGIN_FAILURES: list[tuple[str, Callable[[httpx.Request], Any], int, str]] = [
+    (
+        "invalid_grant",
+        reply(400, json={"error": "invalid_grant", "error_description": "Invalid 'code' in request."}),
+        400,
+        "rejected the authorization code (status 400, invalid_grant)",
+    ),
+    ("invalid_client", reply(401, json={"error": "invalid_client"}), 502, "failed with status 401, error invalid_client"),
+    ("404 html", reply(404, text="<html>Not found</html>"), 502, "failed with status 404, with a body that is not JSON"),
+    ("500", reply(500, json={"error": "server_error"}), 502, "failed with status 500, error server_error"),
+    ("200 html", reply(200, text="<html>sign in</html>"), 502, "failed with status 200 without an access_token"),
+    ("timeout", fail_with(httpx.ReadTimeout("slow")), 504, "timed out after 30 seconds"),
+    ("refused", fail_with(httpx.ConnectError("refused")), 502, "failed (ConnectError)"),
+]
+with_each_login_failure = pytest.mark.parametrize(
+    ("failure", "status_code", "message"),
+    [case[1:] for case in LOGIN_FAILURES],
+    ids=[case[0] for case in LOGIN_FAILURES],
+)
+
+
+@with_each_login_failure
+def test_callback_failure_keeps_account(
+    client: TestClient,
+    fake: FakeAnthropic,
+    store: clove.AccountStore,
+    failure: Callable[[httpx.Request], Any],
+    status_code: int,
+    message: str,
+) -> None:
+    before = store.path.read_bytes()
+    fake.queue("/v1/oauth/token", failure)
+    query = start_login(client)
+
+    response = client.get("/callback", params={"code": "c", "state": query["state"]})
+
+    error = response.json()["error"]
+    assert response.status_code == status_code
+    assert message in error["message"]
+    assert TOKEN_URL in error["message"]
+    assert "Any stored account is unchanged." in error["message"]
+    assert "start the login again" in error["message"].lower()
+    assert len(fake.requests_to("/v1/oauth/token")) == 1
+    assert store.path.read_bytes() == before
+    assert post_message(client).status_code == 200
+    assert fake.requests_to("/v1/messages")[0].headers["authorization"] == f"Bearer {ACCESS_TOKEN}"
+
+
+def test_callback_profile_fallback(client: TestClient, fake: FakeAnthropic, store: clove.AccountStore) -> None:
+    payload = token_payload()
+    del payload["organization"]
+    del payload["account"]
+    fake.queue("/v1/oauth/token", reply(200, json=payload))
+    fake.queue(
+        "/api/oauth/profile",
+        reply(200, json={"account": {"uuid": "acct-9", "email": "p@example.com"}, "organization": {"uuid": "org-from-profile"}}),
+    )
+    query = start_login(client)
+
+    response = client.get("/callback", params={"code": "c", "state": query["state"]})
+
+    profile_request = fake.requests_to("/api/oauth/profile")[0]
+    assert response.json()["organization_uuid"] == "org-from-profile"
+    assert str(profile_request.url) == UPSTREAM + "/api/oauth/profile"
+    assert profile_request.headers["authorization"] == f"Bearer {NEW_ACCESS_TOKEN}"
+    saved = store.load()
+    assert saved is not None
+    assert saved.organization_uuid == "org-from-profile"
+    assert saved.account_email == "p@example.com"
+    assert saved.account_uuid == "acct-9"
+
+
+@pytest.mark.parametrize(
+    "failure", [reply(500, text="down"), fail_with(httpx.ConnectError("refused"))], ids=["500", "refused"]
+)
+def test_callback_profile_failure_saves_account(
+    client: TestClient, fake: FakeAnthropic, store: clove.AccountStore, failure: Callable[[httpx.Request], Any]
+) -> None:
+    payload = token_payload()
+    del payload["organization"]
+    fake.queue("/v1/oauth/token", reply(200, json=payload))
+    fake.queue("/api/oauth/profile", failure)
+    query = start_login(client)
+
+    response = client.get("/callback", params={"code": "c", "state": query["state"]})
+
+    assert response.json() == {"success": True, "message": "Account configured successfully", "organization_uuid": None}
+    assert store.load().access_token == NEW_ACCESS_TOKEN  # type: ignore[union-attr]
+
+
+def test_callback_no_profile_call_with_organization(client: TestClient, fake: FakeAnthropic) -> None:
+    query = start_login(client)
+    client.get("/callback", params={"code": "c", "state": query["state"]})
+    assert fake.requests_to("/api/oauth/profile") == []
+
+
+def paste_from_output(output: io.StringIO, make_text: Callable[[dict[str, str]], str]) -> Callable[[], str]:
+    """Make a read_line for login_command that returns text built from the URL it printed."""
+
+    def read_line() -> str:
+        url = next(line.strip() for line in output.getvalue().splitlines() if line.strip().startswith("https://"))
+        return make_text(authorization_query(url)) + "\n"
+
+    return read_line
+
+
+LOGIN_INPUTS: dict[str, Callable[[dict[str, str]], str]] = {
+    "code#state": lambda query: "pasted-code#" + query["state"],
+    "callback URL": lambda query: f"{query['redirect_uri']}?code=pasted-code&state={query['state']}",
+    "URL with code#state": lambda query: f"{query['redirect_uri']}?code=pasted-code%23{query['state']}",
+}
+
+
+@pytest.mark.parametrize("make_text", LOGIN_INPUTS.values(), ids=LOGIN_INPUTS.keys())
+def test_login_command_saves_account(
+    settings: clove.Settings, fake: FakeAnthropic, make_text: Callable[[dict[str, str]], str]
+) -> None:
+    output = io.StringIO()
+    account = clove.login_command(settings, paste_from_output(output, make_text), output, httpx.MockTransport(fake))
+
+    body = exchange_body(fake)
+    assert body["code"] == "pasted-code"
+    assert body["redirect_uri"] == settings.oauth_redirect_uri
+    assert set(body) == {"grant_type", "code", "state", "client_id", "redirect_uri", "code_verifier"}
+    assert account.organization_uuid == "org-1234"
+    assert clove.AccountStore(settings.data_folder).load() == account
+    assert "Open this URL in a browser on any device" in output.getvalue()
+    assert body["code_verifier"] not in output.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("pasted-code#some-other-state", "The pasted state does not belong to the URL printed above."),
+        ("", "The authorization code is missing."),
+        ("pasted-code", "The state is missing"),
+    ],
+)
+def test_login_command_rejects_input(
+    settings: clove.Settings, fake: FakeAnthropic, store: clove.AccountStore, text: str, message: str
+) -> None:
+    before = store.path.read_bytes()
+    with pytest.raises(clove.LoginError, match="^" + re.escape(message)):
+        clove.login_command(settings, lambda: text, io.StringIO(), httpx.MockTransport(fake))
+    assert fake.requests == []
+    assert store.path.read_bytes() == before
+
+
+@with_each_login_failure
+def test_login_command_failure_keeps_account(
+    settings: clove.Settings,
+    fake: FakeAnthropic,
+    store: clove.AccountStore,
+    failure: Callable[[httpx.Request], Any],
+    status_code: int,
+    message: str,
+) -> None:
+    before = store.path.read_bytes()
+    fake.queue("/v1/oauth/token", failure)
+    output = io.StringIO()
+    read_line = paste_from_output(output, LOGIN_INPUTS["code#state"])
+
+    with pytest.raises(clove.LoginError, match=re.escape(message)) as caught:
+        clove.login_command(settings, read_line, output, httpx.MockTransport(fake))
+
+    assert caught.value.status_code == status_code
+    assert store.path.read_bytes() == before
+
+
+def test_login_main_reads_stdin(
+    settings: clove.Settings, fake: FakeAnthropic, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(clove, "load_settings", lambda: settings)
+    monkeypatch.setattr(clove, "configure_logging", lambda level: None)
+    real_login_command = clove.login_command
+
+    def login_with_fake(settings: clove.Settings, read_line: Callable[[], str], stdout: Any) -> clove.Account:
+        assert read_line == sys.stdin.readline
+        output = io.StringIO()
+        return real_login_command(settings, paste_from_output(output, LOGIN_INPUTS["code#state"]), output, httpx.MockTransport(fake))
+
+    monkeypatch.setattr(clove, "login_command", login_with_fake)
+    assert clove.main(["login"]) == clove.EXIT_OK
+    assert "Account configured successfully for organization org-1234." in capsys.readouterr().out
+
+
+def test_login_main_reports_failure(
+    settings: clove.Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(clove, "load_settings", lambda: settings)
+    monkeypatch.setattr(clove, "configure_logging", lambda level: None)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("code-without-state\n"))
+
+    assert clove.main(["login"]) == clove.EXIT_FAILURE
+    assert capsys.readouterr().err.startswith("clove: login failed: The state is missing")
+
+
+@pytest.mark.anyio
+async def test_login_clears_refresh_backoff(settings: clove.Settings, fake: FakeAnthropic) -> None:
+    clove.AccountStore(settings.data_folder).save(make_account(expires_at=int(time.time()) + 60))
+    fake.queue("/v1/oauth/token", *[reply(503, text="down")] * 3)
+    tokens = make_tokens(settings, fake)
+    assert await tokens.get_access_token() == ACCESS_TOKEN
+    assert tokens._refresh_not_before > time.time()
+
+    output = io.StringIO()
+    read_line = paste_from_output(output, LOGIN_INPUTS["code#state"])
+    # login_command runs its own event loop, as it does under `python clove.py login`.
+    await anyio.to_thread.run_sync(clove.login_command, settings, read_line, output, httpx.MockTransport(fake))
+
+    assert await tokens.get_access_token() == NEW_ACCESS_TOKEN
+    assert tokens._refresh_not_before == 0.0
+    assert tokens.describe()["account_valid"] is True
+
+
+@pytest.mark.anyio
+async def test_login_replaces_unsaved_tokens(
+    settings: clove.Settings, fake: FakeAnthropic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expired_store(settings)
+    tokens = make_tokens(settings, fake)
+    monkeypatch.setattr(tokens, "_save", lambda account: setattr(tokens, "_unsaved", True))
+    assert await tokens.get_access_token() == NEW_ACCESS_TOKEN
+    monkeypatch.undo()
+
+    clove.import_token(settings, "sk-ant-oat01-from-login")
+    assert await tokens.get_access_token() == "sk-ant-oat01-from-login"
+    assert clove.AccountStore(settings.data_folder).load().access_token == "sk-ant-oat01-from-login"  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("outcome", ["refreshed", "rejected"])
+async def test_refresh_keeps_account_saved_meanwhile(settings: clove.Settings, fake: FakeAnthropic, outcome: str) -> None:
+    expired_store(settings)
+    tokens = make_tokens(settings, fake)
+    if outcome == "rejected":
+        fake.queue("/v1/oauth/token", reply(400, json={"error": "invalid_grant"}))
+
+    async def refresh() -> None:
+        with contextlib.suppress(clove.CloveError):
+            await tokens.get_access_token()
+
+    fake.token_delay = 0.2
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(refresh)
+        await anyio.sleep(0.05)
+        # A writer that does not take clove's lock, such as a hand edit, replaces the file.
+        replacement = make_account(access_token="sk-ant-oat01-from-login", refresh_token=None, expires_at=None)
+        clove.AccountStore(settings.data_folder).save(replacement)
+
+    saved = clove.AccountStore(settings.data_folder).load()
+    assert saved is not None
+    assert saved.access_token == "sk-ant-oat01-from-login"
+    assert saved.status == "valid"
+    assert await tokens.get_access_token() == "sk-ant-oat01-from-login"
+
+
+@pytest.mark.anyio
+async def test_import_waits_for_running_refresh(settings: clove.Settings, fake: FakeAnthropic) -> None:
+    expired_store(settings)
+    tokens = make_tokens(settings, fake)
+    fake.token_delay = 0.3
+    tokens_seen: list[str] = []
+
+    async def request_token() -> None:
+        tokens_seen.append(await tokens.get_access_token())
+
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(request_token)
+        await anyio.sleep(0.05)
+        # The import blocks on the data folder lock until the refresh has saved its tokens.
+        await anyio.to_thread.run_sync(clove.import_token, settings, "sk-ant-oat01-imported")
+
+    assert tokens_seen == [NEW_ACCESS_TOKEN]
+    assert clove.AccountStore(settings.data_folder).load().access_token == "sk-ant-oat01-imported"  # type: ignore[union-attr]
+    assert await tokens.get_access_token() == "sk-ant-oat01-imported"
+    assert len(fake.requests_to("/v1/oauth/token")) == 1
+
+
+def test_callback_save_failure_keeps_account(
+    client: TestClient, store: clove.AccountStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = store.path.read_bytes()
+    query = start_login(client)
+
+    def full_disk(self: clove.AccountStore, account: clove.Account) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(clove.AccountStore, "save", full_disk)
+    response = client.get("/callback", params={"code": "c", "state": query["state"]})
+
+    assert response.status_code == 500
+    assert response.json()["error"]["message"].startswith(f"Saving {store.path} failed (No space left on device).")
+    assert store.path.read_bytes() == before
+    assert client.app.state.tokens.account.access_token == ACCESS_TOKEN  # type: ignore[attr-defined]
+
+
+def test_login_logs_contain_no_secrets(client: TestClient, fake: FakeAnthropic, caplog: pytest.LogCaptureFixture) -> None:
+    fake.queue("/v1/oauth/token", reply(400, json={"error": "invalid_grant"}))
+    with caplog.at_level(logging.DEBUG):
+        for code in ("first-secret-code", "second-secret-code"):
+            query = start_login(client)
+            client.get("/callback", params={"code": code, "state": query["state"]})
+
+    verifiers = [json.loads(request.content)["code_verifier"] for request in fake.requests_to("/v1/oauth/token")]
+    # TestClient logs its own requests under "httpx2". Those lines are the browser's side, not clove's.
+    logged = "\n".join(record.getMessage() for record in caplog.records if record.name != "httpx2")
+    assert "Login failed: The token endpoint" in logged
+    assert "Login completed for organization org-1234" in logged
+    for secret in ("first-secret-code", "second-secret-code", *verifiers, NEW_ACCESS_TOKEN, NEW_REFRESH_TOKEN, API_KEY):
+        assert secret not in logged
+
+
+def test_access_log_hides_callback_query() -> None:
+    hide = clove.HideCallbackQuery()
+    records = [
+        logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d', (addr, "GET", path, "1.1", 200), None)
+        for addr, path in [("127.0.0.1:1", "/callback?code=secret&state=s"), ("127.0.0.1:1", "/v1/models?limit=5")]
+    ]
+
+    assert all(hide.filter(record) for record in records)
+    assert records[0].getMessage() == '127.0.0.1:1 - "GET /callback?(hidden) HTTP/1.1" 200'
+    assert records[1].getMessage() == '127.0.0.1:1 - "GET /v1/models?limit=5 HTTP/1.1" 200'
 
 
 # --- Logging ---
@@ -2883,14 +3522,26 @@ def free_port() -> int:
         return port
 
 
+def s256_challenge(code_verifier: str) -> str:
+    digest = hashlib.sha256(code_verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
+
+
 class FakeUpstreamServer:
-    """A fake Anthropic API and OAuth token endpoint served by uvicorn on a loopback port."""
+    """A fake Anthropic API and OAuth server (authorize page, token endpoint) on a loopback port.
+
+    The authorize page redirects at once to redirect_uri with a code and the state, as the real
+    one does after the person signs in. The token endpoint redeems each code once, and only with
+    the verifier whose S256 challenge the authorize page saw.
+    """
 
     def __init__(self) -> None:
         self.token_calls = 0
         self.refresh_tokens_seen: list[str] = []
         self.authorizations: list[str] = []
         self.message_bodies: list[dict[str, Any]] = []
+        self.issued_codes: dict[str, dict[str, str]] = {}
+        self.code_exchanges: list[dict[str, Any]] = []
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         app = Starlette(
@@ -2898,6 +3549,7 @@ class FakeUpstreamServer:
                 Route("/v1/messages", self.messages, methods=["POST"]),
                 Route("/v1/oauth/token", self.token, methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
+                Route("/authorize", self.authorize, methods=["GET"]),
             ]
         )
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -2915,13 +3567,35 @@ class FakeUpstreamServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
 
+    async def authorize(self, request: Request) -> Response:
+        query = dict(request.query_params)
+        code = f"fake-code-{len(self.issued_codes) + 1}"
+        self.issued_codes[code] = query
+        location = query["redirect_uri"] + "?" + urllib.parse.urlencode({"code": code, "state": query["state"]})
+        return RedirectResponse(location, status_code=302)
+
     async def token(self, request: Request) -> Response:
         body = await request.json()
+        if body["grant_type"] == "authorization_code":
+            return self.exchange_code(body)
         self.token_calls += 1
         self.refresh_tokens_seen.append(body["refresh_token"])
         await anyio.sleep(0.2)
         number = self.token_calls
         return JSONResponse(token_payload(f"sk-ant-oat01-e2e-{number}", f"sk-ant-ort01-e2e-{number}"))
+
+    def exchange_code(self, body: dict[str, Any]) -> Response:
+        self.code_exchanges.append(body)
+        issued = self.issued_codes.pop(body["code"], None)
+        if (
+            issued is None
+            or s256_challenge(body["code_verifier"]) != issued["code_challenge"]
+            or body["redirect_uri"] != issued["redirect_uri"]
+            or body["state"] != issued["state"]
+        ):
+            return JSONResponse({"error": "invalid_grant", "error_description": "Invalid code"}, status_code=400)
+        number = len(self.code_exchanges)
+        return JSONResponse(token_payload(f"sk-ant-oat01-login-{number}", f"sk-ant-ort01-login-{number}"))
 
     async def messages(self, request: Request) -> Response:
         authorization = request.headers.get("authorization", "")
@@ -2972,19 +3646,23 @@ def upstream_server() -> Iterator[FakeUpstreamServer]:
         yield server
 
 
-def start_clove(data_folder: Path, upstream: FakeUpstreamServer, **environment: str) -> tuple[subprocess.Popen[str], str]:
-    port = free_port()
-    env = {
+def clove_environment(data_folder: Path, upstream: FakeUpstreamServer, **environment: str) -> dict[str, str]:
+    return {
         **os.environ,
         "CLOVE_ENV_FILE": "/nonexistent/clove.env",
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "API_KEY": API_KEY,
         "DATA_FOLDER": str(data_folder),
         "CLAUDE_API_BASEURL": upstream.base_url,
         "OAUTH_TOKEN_URL": upstream.base_url + "/v1/oauth/token",
+        "OAUTH_AUTHORIZE_URL": upstream.base_url + "/authorize",
         **environment,
     }
+
+
+def start_clove(
+    data_folder: Path, upstream: FakeUpstreamServer, port: int | None = None, **environment: str
+) -> tuple[subprocess.Popen[str], str]:
+    port = port or free_port()
+    env = clove_environment(data_folder, upstream, HOST="127.0.0.1", PORT=str(port), API_KEY=API_KEY, **environment)
     process = subprocess.Popen(
         [sys.executable, str(HERE / "clove.py")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -3194,6 +3872,75 @@ def test_end_to_end_models_for_both_sdks(tmp_path: Path, upstream_server: FakeUp
 
     assert [(model.id, model.owned_by, model.created) for model in openai_models] == [("claude-sonnet-4-5", "anthropic", 1759104000)]
     assert [(model.id, model.display_name) for model in anthropic_models] == [("claude-sonnet-4-5", "Claude Sonnet 4.5")]
+
+
+def send_hello(base_url: str) -> str:
+    with anthropic.Anthropic(base_url=base_url, api_key=API_KEY, max_retries=0) as sdk:
+        message = sdk.messages.create(model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "Hi"}])
+    text: str = message.content[0].text  # type: ignore[union-attr]
+    return text
+
+
+def test_end_to_end_browser_login(tmp_path: Path, upstream_server: FakeUpstreamServer) -> None:
+    port = free_port()
+    redirect_uri = f"http://127.0.0.1:{port}/callback"
+    process, base_url = start_clove(tmp_path / "data", upstream_server, port, OAUTH_REDIRECT_URI=redirect_uri)
+    try:
+        health_before = httpx.get(base_url + "/health").json()
+        started = httpx.get(base_url + "/oauth/authorize", headers={"x-api-key": API_KEY})
+        # The browser's part: open the URL, sign in (the fake skips that) and follow the redirect.
+        callback = httpx.get(started.json()["authorization_url"], follow_redirects=True, timeout=30)
+        reply_text = send_hello(base_url)
+        health_after = httpx.get(base_url + "/health").json()
+    finally:
+        output = stop_clove(process)
+
+    exchange = upstream_server.code_exchanges[0]
+    assert health_before["account_status"] == "missing"
+    assert [response.status_code for response in callback.history] == [302]
+    assert callback.url.path == "/callback"
+    assert callback.json() == {"success": True, "message": "Account configured successfully", "organization_uuid": "org-1234"}
+    assert set(exchange) == {"grant_type", "code", "state", "client_id", "redirect_uri", "code_verifier"}
+    assert exchange["redirect_uri"] == redirect_uri
+    assert reply_text == "Hello from the fake upstream."
+    assert upstream_server.authorizations == ["Bearer sk-ant-oat01-login-1"]
+    assert health_after["account_valid"] is True
+    assert "GET /callback?(hidden)" in output
+    for secret in (exchange["code"], exchange["code_verifier"], "sk-ant-oat01-login-1", "sk-ant-ort01-login-1", API_KEY):
+        assert secret not in output
+
+
+def test_login_command_updates_running_server(tmp_path: Path, upstream_server: FakeUpstreamServer) -> None:
+    data_folder = tmp_path / "data"
+    clove.import_token(clove.Settings(data_folder=data_folder), "sk-ant-oat01-before-login")
+    process, base_url = start_clove(data_folder, upstream_server)
+    try:
+        text_before = send_hello(base_url)
+        login = subprocess.Popen(
+            [sys.executable, str(HERE / "clove.py"), "login"],
+            env=clove_environment(data_folder, upstream_server),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert login.stdout is not None
+        lines = [login.stdout.readline() for _ in range(3)]
+        authorization_url = lines[2].strip()
+        # The person opens the URL elsewhere and copies the address the OAuth server sent them to.
+        callback_url = httpx.get(authorization_url).headers["location"]
+        login_output, login_errors = login.communicate(callback_url + "\n", timeout=30)
+        text_after = send_hello(base_url)
+    finally:
+        output = stop_clove(process)
+
+    assert lines[0] == "Open this URL in a browser on any device and sign in to Claude:\n"
+    assert login.returncode == 0, login_errors
+    assert "Account configured successfully for organization org-1234." in login_output
+    assert text_before == text_after == "Hello from the fake upstream."
+    assert upstream_server.authorizations == ["Bearer sk-ant-oat01-before-login", "Bearer sk-ant-oat01-login-1"]
+    assert "Account file changed on disk" in output
+    assert "sk-ant-oat01-login-1" not in login_output + login_errors + output
 
 
 def test_uvicorn_factory_serves_health(tmp_path: Path) -> None:
