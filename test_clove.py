@@ -3223,6 +3223,18 @@ def test_faults_aborted_streams_leak_nothing(faulty_clove: tuple[subprocess.Pope
     assert elapsed < 60
 
 
+@pytest.mark.parametrize("model_path", ["a%00b", "a%3Fb%23c", "a%2Fb", "%E2%9C%93"])
+def test_models_path_forwarded_encoded(client: TestClient, fake: FakeAnthropic, model_path: str) -> None:
+    client.get("/v1/models/" + model_path)
+
+    assert len(fake.requests) == 1
+    assert fake.requests[0].url.raw_path == f"/v1/models/{model_path}".encode()
+
+
+def test_encoded_path_without_raw_path() -> None:
+    assert clove.encoded_path({"path": "/v1/models/a b%/\u2713"}) == "/v1/models/a%20b%25/%E2%9C%93"
+
+
 # --- End to end: a real clove process, a fake upstream on loopback, the anthropic SDK ---
 
 
