@@ -2170,7 +2170,8 @@ class RequestTooLarge(CloveError):
 async def read_body(request: Request, limit: int) -> bytes:
     """Read the request body, raising RequestTooLarge as soon as it passes limit bytes."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    # isdigit() alone accepts non-ASCII digits such as "²", which int() rejects.
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(f"Request body is {declared} bytes; the maximum is {limit} bytes.")
     chunks: list[bytes] = []
     size = 0

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import types
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -3233,6 +3234,64 @@ def test_models_path_forwarded_encoded(client: TestClient, fake: FakeAnthropic, 
 
 def test_encoded_path_without_raw_path() -> None:
     assert clove.encoded_path({"path": "/v1/models/a b%/\u2713"}) == "/v1/models/a%20b%25/%E2%9C%93"
+
+
+# Raw ASGI requests, in-process, shaped the way uvicorn's h11 parser delivers them.
+
+
+def asgi_scope(method: str, raw_path: str, headers: list[tuple[bytes, bytes]], query: bytes = b"") -> dict[str, Any]:
+    """Build an HTTP scope from a percent-encoded path, decoding it as uvicorn's h11 protocol does."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": urllib.parse.unquote(raw_path),
+        "raw_path": raw_path.encode("ascii"),
+        "query_string": query,
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 5201),
+    }
+
+
+async def call_asgi(app: Starlette, scope: dict[str, Any], body: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    """Run one request through app and return the status, headers and body it sent."""
+    messages: list[dict[str, Any]] = []
+    body_delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal body_delivered
+        if not body_delivered:
+            body_delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        # The client stays connected; a streamed response stops waiting once its body ends.
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    with anyio.fail_after(10):
+        await app(scope, receive, send)
+    start = messages[0]
+    assert start["type"] == "http.response.start"
+    content = b"".join(message.get("body", b"") for message in messages[1:])
+    return start["status"], dict(start.get("headers", [])), content
+
+
+def test_body_content_length_superscript_digit(client: TestClient, fake: FakeAnthropic) -> None:
+    # "\xb2" is "²" in Latin-1, which str.isdigit() accepts and int() rejects. h11 answers 400 to
+    # such a header before clove sees it, but other ASGI servers may pass it on.
+    headers = [(b"x-api-key", API_KEY.encode()), (b"content-length", b"\xb2")]
+    assert client.portal is not None
+    scope = asgi_scope("POST", "/v1/messages", headers)
+    status, _, _ = client.portal.call(call_asgi, client.app, scope, json.dumps(REQUEST_BODY).encode())
+
+    assert status == 200
+    assert len(fake.requests_to("/v1/messages")) == 1
 
 
 # --- End to end: a real clove process, a fake upstream on loopback, the anthropic SDK ---
