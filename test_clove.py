@@ -5,11 +5,14 @@ import dataclasses
 import gzip
 import json
 import logging
+import operator
 import os
+import re
 import secrets
 import select
 import socket
 import stat
+import string
 import struct
 import subprocess
 import sys
@@ -24,9 +27,11 @@ from typing import Any
 import anthropic
 import anyio
 import httpx
+import hypothesis
 import openai
 import pytest
 import uvicorn
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -3292,6 +3297,216 @@ def test_body_content_length_superscript_digit(client: TestClient, fake: FakeAnt
 
     assert status == 200
     assert len(fake.requests_to("/v1/messages")) == 1
+
+
+# Arbitrary requests for the property-based test: strategies, then the test.
+
+HTTP_TOKEN_CHARACTERS = "!#$%&'*+-.^_`|~" + string.ascii_letters + string.digits
+COMMON_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"]
+ERROR_TYPES = {
+    "invalid_request_error",
+    "authentication_error",
+    "permission_error",
+    "not_found_error",
+    "request_too_large",
+    "rate_limit_error",
+    "api_error",
+    "overloaded_error",
+}
+
+
+def as_field_value(raw: bytes) -> bytes:
+    """Make raw bytes a header value that h11 accepts: no NUL or line breaks, no outer whitespace."""
+    return raw.translate(bytes.maketrans(b"\x00\n\r\x0b\x0c", b".....")).strip(b" \t")
+
+
+HEADER_VALUES = st.one_of(
+    st.binary(max_size=40),
+    st.builds(operator.mul, st.binary(min_size=1, max_size=3), st.integers(1000, 20_000)),
+    # Latin-1 digits that str.isdigit() accepts but int() does not, and other odd numbers.
+    st.sampled_from([b"\xb2", b"\xb9\xb3", b"1" * 40, b"-1", b"7 ", b"0x10", b"1e3", b"\xff\xfe"]),
+).map(as_field_value)
+HEADER_NAMES = st.one_of(
+    st.sampled_from(
+        [
+            "content-length",
+            "content-type",
+            "content-encoding",
+            "transfer-encoding",
+            "connection",
+            "anthropic-version",
+            "anthropic-beta",
+            "accept-encoding",
+            "authorization",
+            "x-api-key",
+            "cookie",
+            "host",
+        ]
+    ),
+    st.text(HTTP_TOKEN_CHARACTERS, min_size=1, max_size=20).map(str.lower),
+).map(str.encode)
+CORRECT_KEYS = st.sampled_from([[(b"x-api-key", API_KEY.encode())], [(b"authorization", b"Bearer " + API_KEY.encode())]])
+ODD_KEYS = st.lists(st.tuples(st.sampled_from([b"x-api-key", b"authorization"]), HEADER_VALUES), max_size=2)
+EXTRA_HEADERS = st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=6)
+
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20)),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+def vary_document(base: dict[str, Any], changes: dict[str, Any], removed: set[str]) -> bytes:
+    document = {**base, **changes}
+    for name in removed:
+        document.pop(name, None)
+    return json.dumps(document).encode()
+
+
+def vary_fields(base: dict[str, Any], names: list[str]) -> st.SearchStrategy[bytes]:
+    """Bodies that start from the valid document base, then set or remove a few fields."""
+    # Half of them keep every field, so that they reach the upstream.
+    changes = st.one_of(st.just({}), st.dictionaries(st.sampled_from(names), JSON_VALUES, min_size=1, max_size=3))
+    removed = st.one_of(st.just(set()), st.just(set()), st.sets(st.sampled_from(sorted(base)), min_size=1, max_size=1))
+    return st.builds(vary_document, st.just(base), changes, removed)
+
+
+MESSAGE_BODIES = vary_fields(
+    {**REQUEST_BODY, "stream": False},
+    ["model", "messages", "max_tokens", "stream", "system", "metadata", "tools", "temperature"],
+)
+CHAT_BODIES = vary_fields(
+    {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "Hi"}], "stream": False},
+    [
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "stream",
+        "stream_options",
+        "temperature",
+        "top_p",
+        "stop",
+        "n",
+        "tools",
+        "tool_choice",
+        "response_format",
+        "reasoning_effort",
+        "user",
+    ],
+)
+
+
+def nest(depth: int, brackets: tuple[bytes, bytes]) -> bytes:
+    opener, closer = brackets
+    return b'{"model":"m","max_tokens":1,"messages":[' + opener * depth + closer * depth + b"]}"
+
+
+def splice(body: bytes, position: int, inserted: bytes) -> bytes:
+    return body[:position] + inserted + body[position:]
+
+
+ODD_BODIES = st.one_of(
+    st.just(b""),
+    st.binary(max_size=300),
+    st.builds(
+        nest, st.one_of(st.integers(1, 100), st.integers(1000, 100_000)), st.sampled_from([(b"[", b"]"), (b'{"a":', b"}")])
+    ),
+    st.builds(
+        lambda digits, suffix: b'{"model":"m","messages":[1],"max_tokens":' + b"9" * digits + suffix + b"}",
+        st.integers(1, 10_000),
+        st.sampled_from([b"", b".5", b"e999999", b"e-999999"]),
+    ),
+    # Invalid UTF-8 and NUL bytes spliced into otherwise valid bodies.
+    st.builds(splice, MESSAGE_BODIES, st.integers(0, 60), st.sampled_from([b"\x00", b"\xff", b"\xc3", b"\xed\xa0\x80"])),
+)
+# Near-valid bodies for the routes that read one; a new route that reads a body gets an entry here.
+ROUTE_BODIES = {
+    "/v1/messages": MESSAGE_BODIES,
+    "/v1/messages/count_tokens": MESSAGE_BODIES,
+    clove.CHAT_COMPLETIONS_PATH: CHAT_BODIES,
+}
+# h11 accepts request targets made of visible ASCII characters only.
+QUERY_STRINGS = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=80).map(str.encode)
+PATH_PARAMETERS = st.binary(max_size=30).map(lambda raw: urllib.parse.quote_from_bytes(raw, safe=""))
+ODD_PATH_SUFFIXES = st.sampled_from(["/", "/extra", "%00", "%2F..%2F"])
+ARBITRARY_PATHS = st.binary(max_size=40).map(lambda raw: "/" + urllib.parse.quote_from_bytes(raw, safe="/"))
+METHOD_TOKENS = st.text(HTTP_TOKEN_CHARACTERS, min_size=1, max_size=12)
+
+
+def route_templates(app: Starlette) -> list[tuple[str, list[str]]]:
+    """List every route of app with its methods, so that routes added to create_app get fuzzed too."""
+    return [(route.path, sorted(route.methods or [])) for route in app.routes if isinstance(route, Route)]
+
+
+def usually(draw: st.DrawFn) -> bool:
+    """Return True three times in four, so that most requests get past routing and the key check."""
+    return draw(st.sampled_from([True, True, True, False]))
+
+
+@st.composite
+def asgi_requests(draw: st.DrawFn, templates: list[tuple[str, list[str]]]) -> dict[str, Any]:
+    """Draw an HTTP request as an ASGI scope plus its body, within what uvicorn's h11 parser accepts."""
+    template, route_methods = draw(st.sampled_from(templates))
+    # Each {name} or {name:path} placeholder gets the same percent-encoded bytes.
+    raw_path = re.sub(r"{[^}]*}", draw(PATH_PARAMETERS), template)
+    if not usually(draw):
+        raw_path = draw(st.one_of(ODD_PATH_SUFFIXES.map(raw_path.__add__), ARBITRARY_PATHS))
+    odd_methods = st.one_of(st.sampled_from(COMMON_METHODS), METHOD_TOKENS)
+    method = draw(st.sampled_from(route_methods) if usually(draw) else odd_methods)
+    headers = draw(CORRECT_KEYS if usually(draw) else ODD_KEYS) + draw(EXTRA_HEADERS)
+    scope = asgi_scope(method, raw_path, headers, draw(QUERY_STRINGS))
+    body = draw(ROUTE_BODIES.get(template, ODD_BODIES) if usually(draw) else ODD_BODIES)
+    return {"scope": scope, "body": body}
+
+
+@pytest.fixture
+def fuzz_client(settings: clove.Settings, store: clove.AccountStore, fake: FakeAnthropic) -> Iterator[TestClient]:
+    app = clove.create_app(settings, transport=httpx.MockTransport(fake))
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@hypothesis.settings(
+    max_examples=500,
+    deadline=None,
+    database=None,
+    # The explain phase reruns a failing example for minutes; the shrunk example is enough.
+    phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate, hypothesis.Phase.shrink],
+    # The app, its account file and caplog are meant to be shared by every example.
+    suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture, hypothesis.HealthCheck.too_slow],
+)
+@hypothesis.given(data=st.data())
+def test_routes_survive_arbitrary_requests(
+    data: st.DataObject, fuzz_client: TestClient, store: clove.AccountStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert fuzz_client.portal is not None
+    app: Starlette = fuzz_client.app  # type: ignore[assignment]
+    request = data.draw(asgi_requests(route_templates(app)))
+    account_file = store.path.read_bytes()
+    logged_before = len(caplog.records)
+
+    with caplog.at_level(logging.INFO, logger="clove"):
+        status, _, body = fuzz_client.portal.call(call_asgi, app, request["scope"], request["body"])
+
+    errors = [record for record in caplog.records[logged_before:] if record.levelno >= logging.ERROR or record.exc_info]
+    assert status < 500
+    assert errors == []
+    assert store.path.read_bytes() == account_file
+    if status < 400 or request["scope"]["method"] == "HEAD":
+        return
+    document = json.loads(body)
+    if request["scope"]["path"] == clove.CHAT_COMPLETIONS_PATH:
+        # The OpenAI-format route answers in OpenAI's error shape.
+        assert set(document) == {"error"}
+        assert set(document["error"]) == {"message", "type", "param", "code"}
+        assert isinstance(document["error"]["message"], str)
+        return
+    assert set(document) == {"type", "error"}
+    assert document["type"] == "error"
+    assert set(document["error"]) == {"type", "message"}
+    assert document["error"]["type"] in ERROR_TYPES
+    assert isinstance(document["error"]["message"], str)
 
 
 # --- End to end: a real clove process, a fake upstream on loopback, the anthropic SDK ---
