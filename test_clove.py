@@ -2853,8 +2853,8 @@ def test_models_error_keeps_anthropic_shape(client: TestClient, fake: FakeAnthro
 
 FAULT_READ_TIMEOUT = 1.0
 FAULT_MAX_RETRIES = 2
-# Chunked, like the Messages API's own streams: a connection that closes before the last chunk is
-# a broken body, not a clean end.
+# Chunked, as HTTP/1.1 streams a body of unknown length, so a connection that closes before the
+# last chunk is a broken body and not a clean end.
 FAULT_SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\n"
     b"content-type: text/event-stream\r\n"
@@ -3007,7 +3007,7 @@ class FaultyUpstream:
             except OSError:
                 break
         else:
-            return
+            return  # Held until the limit or shutdown, so clove never closed it.
         with self.lock:
             self.peer_closed_at[tag] = time.monotonic()
 
@@ -3272,7 +3272,8 @@ async def call_asgi(app: Starlette, scope: dict[str, Any], body: bytes) -> tuple
         if not body_delivered:
             body_delivered = True
             return {"type": "http.request", "body": body, "more_body": False}
-        # The client stays connected; a streamed response stops waiting once its body ends.
+        # The client stays connected. A streamed response stops waiting for a disconnect once its
+        # body ends.
         await anyio.sleep_forever()
         raise AssertionError("unreachable")
 
@@ -3420,7 +3421,7 @@ ODD_BODIES = st.one_of(
     # Invalid UTF-8 and NUL bytes spliced into otherwise valid bodies.
     st.builds(splice, MESSAGE_BODIES, st.integers(0, 60), st.sampled_from([b"\x00", b"\xff", b"\xc3", b"\xed\xa0\x80"])),
 )
-# Near-valid bodies for the routes that read one; a new route that reads a body gets an entry here.
+# Near-valid bodies for the routes that read one. A new route that reads a body gets an entry here.
 ROUTE_BODIES = {
     "/v1/messages": MESSAGE_BODIES,
     "/v1/messages/count_tokens": MESSAGE_BODIES,
@@ -3471,7 +3472,7 @@ def fuzz_client(settings: clove.Settings, store: clove.AccountStore, fake: FakeA
     max_examples=500,
     deadline=None,
     database=None,
-    # The explain phase reruns a failing example for minutes; the shrunk example is enough.
+    # The explain phase reruns a failing example for minutes, and the shrunk example is enough.
     phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate, hypothesis.Phase.shrink],
     # The app, its account file and caplog are meant to be shared by every example.
     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture, hypothesis.HealthCheck.too_slow],
