@@ -2493,7 +2493,8 @@ class RequestTooLarge(CloveError):
 async def read_body(request: Request, limit: int) -> bytes:
     """Read the request body, raising RequestTooLarge as soon as it passes limit bytes."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    # isdigit() alone accepts non-ASCII digits such as "²", which int() rejects.
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(f"Request body is {declared} bytes; the maximum is {limit} bytes.")
     chunks: list[bytes] = []
     size = 0
@@ -2595,7 +2596,7 @@ class Proxy:
 
         call = ProxyCall(
             method=request.method,
-            path=request.url.path,
+            path=encoded_path(request.scope),
             query=request.scope.get("query_string", b"") if query is None else query,
             headers=request.scope["headers"],
             body=body,
@@ -2688,6 +2689,22 @@ def _convert_json_object(content: bytes, convert: Callable[[dict[str, Any]], dic
         logger.warning("Upstream returned a 200 reply that is not a JSON object; passing it on unchanged")
         return content
     return json.dumps(convert(document), ensure_ascii=False).encode("utf-8")
+
+
+def encoded_path(scope: Scope) -> str:
+    """Return the request path percent-encoded as the client sent it, ready for the upstream URL.
+
+    Rebuilding it from the decoded scope["path"] (as request.url does) turns %00 into a character
+    that httpx rejects, and %2F into a path separator.
+    """
+    # Besides letters, digits and "-._", RFC 3986 allows these characters in a path. Quoting
+    # escapes every other byte.
+    allowed = "/:@!$&'()*+,;=~"
+    raw_path: bytes | None = scope.get("raw_path")
+    if raw_path is None:
+        # raw_path is optional in ASGI. Without it, the decoded path is encoded again.
+        return urllib.parse.quote(scope["path"], safe=allowed)
+    return urllib.parse.quote_from_bytes(raw_path, safe=allowed + "%")
 
 
 # --- Routes: OpenAI chat completions ---

@@ -8,15 +8,20 @@ import hashlib
 import io
 import json
 import logging
+import operator
 import os
 import re
+import secrets
+import select
 import socket
 import stat
 import string
+import struct
 import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -25,9 +30,11 @@ from typing import Any
 import anthropic
 import anyio
 import httpx
+import hypothesis
 import openai
 import pytest
 import uvicorn
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -3474,6 +3481,669 @@ def test_models_error_keeps_anthropic_shape(client: TestClient, fake: FakeAnthro
     assert response.status_code == 404
     assert response.json() == error
 
+
+# --- Faults ---
+#
+# Upstream faults run against a real clove process and FaultyUpstream, a raw HTTP/1.1 server on a
+# loopback port. clove forwards unknown client headers, so each test picks the fault per request.
+
+FAULT_READ_TIMEOUT = 1.0
+FAULT_MAX_RETRIES = 2
+# Chunked, as HTTP/1.1 streams a body of unknown length, so a connection that closes before the
+# last chunk is a broken body and not a clean end.
+FAULT_SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"content-type: text/event-stream\r\n"
+    b"transfer-encoding: chunked\r\n"
+    b"connection: close\r\n"
+    b"request-id: req_fault\r\n"
+    b"\r\n"
+)
+FAULT_EVENTS = message_stream_events(["Hello", " there"])
+# message_start, content_block_start, ping and the "Hello" delta: what a cut stream delivers.
+FAULT_EVENTS_BEFORE_CUT = FAULT_EVENTS[:4]
+# Maximum time a fake connection is held open, so that a test that goes wrong cannot hang the run.
+FAULT_MAX_HOLD_SECONDS = 30.0
+
+
+def http_chunk(data: bytes) -> bytes:
+    return b"%x\r\n" % len(data) + data + b"\r\n"
+
+
+def close_with_reset(connection: socket.socket) -> None:
+    # SO_LINGER with a zero timeout makes close() send an RST instead of a FIN.
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    connection.close()
+
+
+class FaultyUpstream:
+    """A raw HTTP/1.1 server on a loopback port that fails in the way each request selects.
+
+    The x-fake-fault request header names the fault (see _respond), and x-fake-tag labels the
+    request so that a test can count its attempts and see when clove closed the connection. Each
+    connection serves one request.
+    """
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.base_url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.lock = threading.Lock()
+        self.tags: list[str] = []
+        # Monotonic time at which clove closed a held stream, by tag.
+        self.peer_closed_at: dict[str, float] = {}
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> FaultyUpstream:
+        self.listener.settimeout(0.1)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+        self.listener.close()
+
+    def attempts(self, tag: str) -> int:
+        with self.lock:
+            return self.tags.count(tag)
+
+    def wait_for_peer_close(self, tag: str, timeout: float) -> float | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if tag in self.peer_closed_at:
+                    return self.peer_closed_at[tag]
+            time.sleep(0.01)
+        return None
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with connection:
+            try:
+                headers = self._read_request(connection)
+            except OSError:
+                return
+            tag = headers.get("x-fake-tag", "")
+            with self.lock:
+                self.tags.append(tag)
+            try:
+                self._respond(connection, headers.get("x-fake-fault", "complete"), tag)
+            except OSError:
+                pass  # clove closed the connection first, which several faults expect.
+
+    def _read_request(self, connection: socket.socket) -> dict[str, str]:
+        connection.settimeout(10)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = connection.recv(65536)
+            if not chunk:
+                raise ConnectionError("the request ended before its headers")
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        headers = {}
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            chunk = connection.recv(65536)
+            if not chunk:
+                raise ConnectionError("the request ended before its body")
+            body += chunk
+        return headers
+
+    def _respond(self, connection: socket.socket, fault: str, tag: str) -> None:
+        """Send the response, or the failure, that fault names.
+
+        Before headers: reset (RST), close (FIN), stall (send nothing). After the SSE headers and
+        FAULT_EVENTS_BEFORE_CUT: cut (FIN), cut-reset (RST), stall-mid (send nothing more), hold
+        (a ping every 0.1 s until clove closes). complete sends the whole stream.
+        """
+        if fault == "reset":
+            close_with_reset(connection)
+            return
+        if fault == "close":
+            return
+        if fault == "stall":
+            self._hold(connection, tag, ping=False)
+            return
+        connection.sendall(FAULT_SSE_HEAD)
+        if fault == "complete":
+            connection.sendall(b"".join(http_chunk(event) for event in FAULT_EVENTS) + b"0\r\n\r\n")
+            return
+        connection.sendall(b"".join(http_chunk(event) for event in FAULT_EVENTS_BEFORE_CUT))
+        if fault == "cut":
+            return
+        if fault == "cut-reset":
+            close_with_reset(connection)
+            return
+        if fault in ("stall-mid", "hold"):
+            self._hold(connection, tag, ping=fault == "hold")
+            return
+        raise ValueError(f"unknown x-fake-fault {fault!r}")
+
+    def _hold(self, connection: socket.socket, tag: str, *, ping: bool) -> None:
+        """Keep the connection open until clove closes it, and record when that happened."""
+        deadline = time.monotonic() + FAULT_MAX_HOLD_SECONDS
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            readable, _, _ = select.select([connection], [], [], 0.1)
+            try:
+                if readable and not connection.recv(1):
+                    break
+                if ping:
+                    connection.sendall(http_chunk(sse_event("ping", {"type": "ping"})))
+            except OSError:
+                break
+        else:
+            return  # Held until the limit or shutdown, so clove never closed it.
+        with self.lock:
+            self.peer_closed_at[tag] = time.monotonic()
+
+
+@pytest.fixture(scope="module")
+def faulty_upstream() -> Iterator[FaultyUpstream]:
+    with FaultyUpstream() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def faulty_clove(
+    tmp_path_factory: pytest.TempPathFactory, faulty_upstream: FaultyUpstream
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A clove process in front of faulty_upstream, with a one-second read timeout and two attempts."""
+    data_folder = tmp_path_factory.mktemp("faults") / "data"
+    clove.AccountStore(data_folder).save(make_account())
+    # WARNING keeps the per-request log lines out of the pipe. It is read only when clove stops, and
+    # a full pipe would block clove.
+    process, base_url = start_clove(
+        data_folder,
+        faulty_upstream,  # type: ignore[arg-type]  # start_clove reads only base_url
+        READ_TIMEOUT=str(FAULT_READ_TIMEOUT),
+        MAX_RETRIES=str(FAULT_MAX_RETRIES),
+        RETRY_DELAY="0",
+        LOG_LEVEL="WARNING",
+    )
+    yield process, base_url
+    stop_clove(process)
+
+
+def fault_headers(fault: str) -> dict[str, str]:
+    """Return headers that select fault at faulty_upstream, with a tag unique to this request."""
+    return {"x-api-key": API_KEY, "x-fake-fault": fault, "x-fake-tag": secrets.token_hex(8)}
+
+
+STREAM_BODY = json.dumps({**REQUEST_BODY, "stream": True})
+
+
+def test_faults_connection_refused_gives_502(tmp_path: Path) -> None:
+    data_folder = tmp_path / "data"
+    clove.AccountStore(data_folder).save(make_account())
+    # free_port closes its listener, so nothing accepts connections on that port.
+    closed_upstream = types.SimpleNamespace(base_url=f"http://127.0.0.1:{free_port()}")
+    process, base_url = start_clove(
+        data_folder,
+        closed_upstream,  # type: ignore[arg-type]  # start_clove reads only base_url
+        MAX_RETRIES=str(FAULT_MAX_RETRIES),
+        RETRY_DELAY="0",
+    )
+    try:
+        started = time.monotonic()
+        response = httpx.post(base_url + "/v1/messages", content=STREAM_BODY, headers={"x-api-key": API_KEY}, timeout=10)
+        elapsed = time.monotonic() - started
+    finally:
+        output = stop_clove(process)
+
+    assert response.status_code == 502
+    assert response.json() == clove.error_body("api_error", "The Anthropic API could not be reached: connection failed.")
+    assert elapsed < 2.0
+    assert f"failed after {FAULT_MAX_RETRIES} attempts: connection failed" in output
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [("reset", "connection error (ReadError)"), ("close", "connection error (RemoteProtocolError)")],
+)
+def test_faults_lost_before_headers_retried(
+    faulty_clove: tuple[subprocess.Popen[str], str], faulty_upstream: FaultyUpstream, fault: str, reason: str
+) -> None:
+    _, base_url = faulty_clove
+    headers = fault_headers(fault)
+    response = httpx.post(base_url + "/v1/messages", content=STREAM_BODY, headers=headers, timeout=10)
+
+    assert response.status_code == 502
+    assert response.json() == clove.error_body("api_error", f"The Anthropic API could not be reached: {reason}.")
+    assert faulty_upstream.attempts(headers["x-fake-tag"]) == FAULT_MAX_RETRIES
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [("cut", "connection error (RemoteProtocolError)"), ("cut-reset", "connection error (ReadError)")],
+)
+def test_faults_cut_stream_ends_with_error(
+    faulty_clove: tuple[subprocess.Popen[str], str], faulty_upstream: FaultyUpstream, fault: str, reason: str
+) -> None:
+    _, base_url = faulty_clove
+    headers = fault_headers(fault)
+    with httpx.stream("POST", base_url + "/v1/messages", content=STREAM_BODY, headers=headers, timeout=10) as response:
+        received = b"".join(response.iter_raw())
+
+    error_event = clove.sse_error_event("api_error", f"The upstream stream broke: {reason}. The response is incomplete.")
+    assert response.status_code == 200
+    assert received == b"".join(FAULT_EVENTS_BEFORE_CUT) + error_event
+    assert faulty_upstream.attempts(headers["x-fake-tag"]) == 1
+
+
+def test_faults_cut_stream_raises_in_sdk(faulty_clove: tuple[subprocess.Popen[str], str]) -> None:
+    _, base_url = faulty_clove
+    sdk = anthropic.Anthropic(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=10)
+    texts: list[str] = []
+    # The SDK turns an SSE error event into the status error class for the response's status.
+    with pytest.raises(anthropic.APIStatusError, match="The upstream stream broke") as raised:
+        with sdk.messages.stream(**REQUEST_BODY, extra_headers=fault_headers("cut")) as stream:  # type: ignore[arg-type]
+            for text in stream.text_stream:
+                texts.append(text)
+
+    assert texts == ["Hello"]
+    assert raised.value.body == clove.error_body(
+        "api_error", "The upstream stream broke: connection error (RemoteProtocolError). The response is incomplete."
+    )
+
+
+def test_faults_stall_before_headers_gives_504(
+    faulty_clove: tuple[subprocess.Popen[str], str], faulty_upstream: FaultyUpstream
+) -> None:
+    _, base_url = faulty_clove
+    headers = fault_headers("stall")
+    started = time.monotonic()
+    response = httpx.post(base_url + "/v1/messages", content=STREAM_BODY, headers=headers, timeout=10)
+    elapsed = time.monotonic() - started
+
+    assert response.status_code == 504
+    assert response.json() == clove.error_body(
+        "api_error", "The Anthropic API could not be reached: timed out waiting for the upstream."
+    )
+    assert faulty_upstream.attempts(headers["x-fake-tag"]) == FAULT_MAX_RETRIES
+    assert elapsed >= FAULT_MAX_RETRIES * FAULT_READ_TIMEOUT
+    assert elapsed < FAULT_MAX_RETRIES * FAULT_READ_TIMEOUT + 2.0
+
+
+def test_faults_stall_mid_stream_ends_with_error(faulty_clove: tuple[subprocess.Popen[str], str]) -> None:
+    _, base_url = faulty_clove
+    started = time.monotonic()
+    with httpx.stream(
+        "POST", base_url + "/v1/messages", content=STREAM_BODY, headers=fault_headers("stall-mid"), timeout=10
+    ) as response:
+        received = b"".join(response.iter_raw())
+    elapsed = time.monotonic() - started
+
+    error_event = clove.sse_error_event(
+        "api_error", "The upstream stream broke: timed out waiting for the upstream. The response is incomplete."
+    )
+    assert received == b"".join(FAULT_EVENTS_BEFORE_CUT) + error_event
+    assert elapsed >= FAULT_READ_TIMEOUT
+    assert elapsed < FAULT_READ_TIMEOUT + 2.0
+
+
+def test_faults_client_disconnect_closes_upstream(
+    faulty_clove: tuple[subprocess.Popen[str], str], faulty_upstream: FaultyUpstream
+) -> None:
+    _, base_url = faulty_clove
+    headers = fault_headers("hold")
+    with httpx.stream("POST", base_url + "/v1/messages", content=STREAM_BODY, headers=headers, timeout=10) as response:
+        first_chunk = next(response.iter_raw())
+        # Closing a response before its body ends closes the connection to clove.
+        response.close()
+        disconnected_at = time.monotonic()
+
+    closed_at = faulty_upstream.wait_for_peer_close(headers["x-fake-tag"], timeout=5)
+    assert first_chunk.startswith(b"event: message_start")
+    assert closed_at is not None, "clove never closed the upstream connection"
+    assert closed_at - disconnected_at < 1.0
+
+
+def open_file_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def settled_open_file_count(pid: int, target: int | None = None, timeout: float = 5.0) -> int:
+    """Return pid's open file count once it reaches target, or once it stops changing."""
+    deadline = time.monotonic() + timeout
+    previous = open_file_count(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        count = open_file_count(pid)
+        if count == target or (target is None and count == previous):
+            return count
+        previous = count
+    return open_file_count(pid)
+
+
+async def abort_streams(base_url: str, count: int, concurrency: int) -> None:
+    """Open count streams through clove, each left after its first chunk, concurrency at a time."""
+    limiter = anyio.CapacityLimiter(concurrency)
+    # No keep-alive pool: each aborted response closes its connection to clove.
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=10) as client:
+
+        async def abort_one() -> None:
+            async with limiter:
+                request = client.build_request("POST", "/v1/messages", content=STREAM_BODY, headers=fault_headers("hold"))
+                response = await client.send(request, stream=True)
+                try:
+                    await response.aiter_raw().__anext__()
+                finally:
+                    await response.aclose()
+
+        async with anyio.create_task_group() as task_group:
+            for _ in range(count):
+                task_group.start_soon(abort_one)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to count open files")
+def test_faults_aborted_streams_leak_nothing(faulty_clove: tuple[subprocess.Popen[str], str]) -> None:
+    process, base_url = faulty_clove
+    # The warm-up opens whatever clove keeps for its lifetime (selectors, the httpx client).
+    anyio.run(abort_streams, base_url, 25, 25)
+    baseline = settled_open_file_count(process.pid)
+
+    started = time.monotonic()
+    anyio.run(abort_streams, base_url, 1000, 25)
+    elapsed = time.monotonic() - started
+    after = settled_open_file_count(process.pid, target=baseline)
+
+    # No pool slack is allowed: clove cannot reuse an upstream connection whose body was not read
+    # to the end, so every aborted stream must close its upstream connection as well as the client's.
+    assert after == baseline, f"clove has {after - baseline} more open files after 1,000 aborted streams"
+    assert elapsed < 60
+
+
+@pytest.mark.parametrize("model_path", ["a%00b", "a%3Fb%23c", "a%2Fb", "%E2%9C%93"])
+def test_models_path_forwarded_encoded(client: TestClient, fake: FakeAnthropic, model_path: str) -> None:
+    client.get("/v1/models/" + model_path)
+
+    assert len(fake.requests) == 1
+    assert fake.requests[0].url.raw_path == f"/v1/models/{model_path}".encode()
+
+
+def test_encoded_path_without_raw_path() -> None:
+    assert clove.encoded_path({"path": "/v1/models/a b%/\u2713"}) == "/v1/models/a%20b%25/%E2%9C%93"
+
+
+# Raw ASGI requests, in-process, shaped the way uvicorn's h11 parser delivers them.
+
+
+def asgi_scope(method: str, raw_path: str, headers: list[tuple[bytes, bytes]], query: bytes = b"") -> dict[str, Any]:
+    """Build an HTTP scope from a percent-encoded path, decoding it as uvicorn's h11 protocol does."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": urllib.parse.unquote(raw_path),
+        "raw_path": raw_path.encode("ascii"),
+        "query_string": query,
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 5201),
+    }
+
+
+async def call_asgi(app: Starlette, scope: dict[str, Any], body: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    """Run one request through app and return the status, headers and body it sent."""
+    messages: list[dict[str, Any]] = []
+    body_delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal body_delivered
+        if not body_delivered:
+            body_delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        # The client stays connected. A streamed response stops waiting for a disconnect once its
+        # body ends.
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    with anyio.fail_after(10):
+        await app(scope, receive, send)
+    start = messages[0]
+    assert start["type"] == "http.response.start"
+    content = b"".join(message.get("body", b"") for message in messages[1:])
+    return start["status"], dict(start.get("headers", [])), content
+
+
+def test_body_content_length_superscript_digit(client: TestClient, fake: FakeAnthropic) -> None:
+    # "\xb2" is "²" in Latin-1, which str.isdigit() accepts and int() rejects. h11 answers 400 to
+    # such a header before clove sees it, but other ASGI servers may pass it on.
+    headers = [(b"x-api-key", API_KEY.encode()), (b"content-length", b"\xb2")]
+    assert client.portal is not None
+    scope = asgi_scope("POST", "/v1/messages", headers)
+    status, _, _ = client.portal.call(call_asgi, client.app, scope, json.dumps(REQUEST_BODY).encode())
+
+    assert status == 200
+    assert len(fake.requests_to("/v1/messages")) == 1
+
+
+# Arbitrary requests for the property-based test: strategies, then the test.
+
+HTTP_TOKEN_CHARACTERS = "!#$%&'*+-.^_`|~" + string.ascii_letters + string.digits
+COMMON_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"]
+ERROR_TYPES = {
+    "invalid_request_error",
+    "authentication_error",
+    "permission_error",
+    "not_found_error",
+    "request_too_large",
+    "rate_limit_error",
+    "api_error",
+    "overloaded_error",
+}
+
+
+def as_field_value(raw: bytes) -> bytes:
+    """Make raw bytes a header value that h11 accepts: no NUL or line breaks, no outer whitespace."""
+    return raw.translate(bytes.maketrans(b"\x00\n\r\x0b\x0c", b".....")).strip(b" \t")
+
+
+HEADER_VALUES = st.one_of(
+    st.binary(max_size=40),
+    st.builds(operator.mul, st.binary(min_size=1, max_size=3), st.integers(1000, 20_000)),
+    # Latin-1 digits that str.isdigit() accepts but int() does not, and other odd numbers.
+    st.sampled_from([b"\xb2", b"\xb9\xb3", b"1" * 40, b"-1", b"7 ", b"0x10", b"1e3", b"\xff\xfe"]),
+).map(as_field_value)
+HEADER_NAMES = st.one_of(
+    st.sampled_from(
+        [
+            "content-length",
+            "content-type",
+            "content-encoding",
+            "transfer-encoding",
+            "connection",
+            "anthropic-version",
+            "anthropic-beta",
+            "accept-encoding",
+            "authorization",
+            "x-api-key",
+            "cookie",
+            "host",
+        ]
+    ),
+    st.text(HTTP_TOKEN_CHARACTERS, min_size=1, max_size=20).map(str.lower),
+).map(str.encode)
+CORRECT_KEYS = st.sampled_from([[(b"x-api-key", API_KEY.encode())], [(b"authorization", b"Bearer " + API_KEY.encode())]])
+ODD_KEYS = st.lists(st.tuples(st.sampled_from([b"x-api-key", b"authorization"]), HEADER_VALUES), max_size=2)
+EXTRA_HEADERS = st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=6)
+
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20)),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+def vary_document(base: dict[str, Any], changes: dict[str, Any], removed: set[str]) -> bytes:
+    document = {**base, **changes}
+    for name in removed:
+        document.pop(name, None)
+    return json.dumps(document).encode()
+
+
+def vary_fields(base: dict[str, Any], names: list[str]) -> st.SearchStrategy[bytes]:
+    """Bodies that start from the valid document base, then set or remove a few fields."""
+    # Half of them keep every field, so that they reach the upstream.
+    changes = st.one_of(st.just({}), st.dictionaries(st.sampled_from(names), JSON_VALUES, min_size=1, max_size=3))
+    removed = st.one_of(st.just(set()), st.just(set()), st.sets(st.sampled_from(sorted(base)), min_size=1, max_size=1))
+    return st.builds(vary_document, st.just(base), changes, removed)
+
+
+MESSAGE_BODIES = vary_fields(
+    {**REQUEST_BODY, "stream": False},
+    ["model", "messages", "max_tokens", "stream", "system", "metadata", "tools", "temperature"],
+)
+CHAT_BODIES = vary_fields(
+    {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "Hi"}], "stream": False},
+    [
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "stream",
+        "stream_options",
+        "temperature",
+        "top_p",
+        "stop",
+        "n",
+        "tools",
+        "tool_choice",
+        "response_format",
+        "reasoning_effort",
+        "user",
+    ],
+)
+
+
+def nest(depth: int, brackets: tuple[bytes, bytes]) -> bytes:
+    opener, closer = brackets
+    return b'{"model":"m","max_tokens":1,"messages":[' + opener * depth + closer * depth + b"]}"
+
+
+def splice(body: bytes, position: int, inserted: bytes) -> bytes:
+    return body[:position] + inserted + body[position:]
+
+
+ODD_BODIES = st.one_of(
+    st.just(b""),
+    st.binary(max_size=300),
+    st.builds(
+        nest, st.one_of(st.integers(1, 100), st.integers(1000, 100_000)), st.sampled_from([(b"[", b"]"), (b'{"a":', b"}")])
+    ),
+    st.builds(
+        lambda digits, suffix: b'{"model":"m","messages":[1],"max_tokens":' + b"9" * digits + suffix + b"}",
+        st.integers(1, 10_000),
+        st.sampled_from([b"", b".5", b"e999999", b"e-999999"]),
+    ),
+    # Invalid UTF-8 and NUL bytes spliced into otherwise valid bodies.
+    st.builds(splice, MESSAGE_BODIES, st.integers(0, 60), st.sampled_from([b"\x00", b"\xff", b"\xc3", b"\xed\xa0\x80"])),
+)
+# Near-valid bodies for the routes that read one. A new route that reads a body gets an entry here.
+ROUTE_BODIES = {
+    "/v1/messages": MESSAGE_BODIES,
+    "/v1/messages/count_tokens": MESSAGE_BODIES,
+    clove.CHAT_COMPLETIONS_PATH: CHAT_BODIES,
+}
+# h11 accepts request targets made of visible ASCII characters only.
+QUERY_STRINGS = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=80).map(str.encode)
+PATH_PARAMETERS = st.binary(max_size=30).map(lambda raw: urllib.parse.quote_from_bytes(raw, safe=""))
+ODD_PATH_SUFFIXES = st.sampled_from(["/", "/extra", "%00", "%2F..%2F"])
+ARBITRARY_PATHS = st.binary(max_size=40).map(lambda raw: "/" + urllib.parse.quote_from_bytes(raw, safe="/"))
+METHOD_TOKENS = st.text(HTTP_TOKEN_CHARACTERS, min_size=1, max_size=12)
+
+
+def route_templates(app: Starlette) -> list[tuple[str, list[str]]]:
+    """List every route of app with its methods, so that routes added to create_app get fuzzed too."""
+    return [(route.path, sorted(route.methods or [])) for route in app.routes if isinstance(route, Route)]
+
+
+def usually(draw: st.DrawFn) -> bool:
+    """Return True three times in four, so that most requests get past routing and the key check."""
+    return draw(st.sampled_from([True, True, True, False]))
+
+
+@st.composite
+def asgi_requests(draw: st.DrawFn, templates: list[tuple[str, list[str]]]) -> dict[str, Any]:
+    """Draw an HTTP request as an ASGI scope plus its body, within what uvicorn's h11 parser accepts."""
+    template, route_methods = draw(st.sampled_from(templates))
+    # Each {name} or {name:path} placeholder gets the same percent-encoded bytes.
+    raw_path = re.sub(r"{[^}]*}", draw(PATH_PARAMETERS), template)
+    if not usually(draw):
+        raw_path = draw(st.one_of(ODD_PATH_SUFFIXES.map(raw_path.__add__), ARBITRARY_PATHS))
+    odd_methods = st.one_of(st.sampled_from(COMMON_METHODS), METHOD_TOKENS)
+    method = draw(st.sampled_from(route_methods) if usually(draw) else odd_methods)
+    headers = draw(CORRECT_KEYS if usually(draw) else ODD_KEYS) + draw(EXTRA_HEADERS)
+    scope = asgi_scope(method, raw_path, headers, draw(QUERY_STRINGS))
+    body = draw(ROUTE_BODIES.get(template, ODD_BODIES) if usually(draw) else ODD_BODIES)
+    return {"scope": scope, "body": body}
+
+
+@pytest.fixture
+def fuzz_client(settings: clove.Settings, store: clove.AccountStore, fake: FakeAnthropic) -> Iterator[TestClient]:
+    app = clove.create_app(settings, transport=httpx.MockTransport(fake))
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@hypothesis.settings(
+    max_examples=500,
+    deadline=None,
+    database=None,
+    # The explain phase reruns a failing example for minutes, and the shrunk example is enough.
+    phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate, hypothesis.Phase.shrink],
+    # The app, its account file and caplog are meant to be shared by every example.
+    suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture, hypothesis.HealthCheck.too_slow],
+)
+@hypothesis.given(data=st.data())
+def test_routes_survive_arbitrary_requests(
+    data: st.DataObject, fuzz_client: TestClient, store: clove.AccountStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert fuzz_client.portal is not None
+    app: Starlette = fuzz_client.app  # type: ignore[assignment]
+    request = data.draw(asgi_requests(route_templates(app)))
+    account_file = store.path.read_bytes()
+    logged_before = len(caplog.records)
+
+    with caplog.at_level(logging.INFO, logger="clove"):
+        status, _, body = fuzz_client.portal.call(call_asgi, app, request["scope"], request["body"])
+
+    errors = [record for record in caplog.records[logged_before:] if record.levelno >= logging.ERROR or record.exc_info]
+    assert status < 500
+    assert errors == []
+    assert store.path.read_bytes() == account_file
+    if status < 400 or request["scope"]["method"] == "HEAD":
+        return
+    document = json.loads(body)
+    if request["scope"]["path"] == clove.CHAT_COMPLETIONS_PATH:
+        # The OpenAI-format route answers in OpenAI's error shape.
+        assert set(document) == {"error"}
+        assert set(document["error"]) == {"message", "type", "param", "code"}
+        assert isinstance(document["error"]["message"], str)
+        return
+    assert set(document) == {"type", "error"}
+    assert document["type"] == "error"
+    assert set(document["error"]) == {"type", "message"}
+    assert document["error"]["type"] in ERROR_TYPES
+    assert isinstance(document["error"]["message"], str)
 
 
 # --- End to end: a real clove process, a fake upstream on loopback, the anthropic SDK ---
