@@ -4469,8 +4469,11 @@ def test_end_to_end_with_openai_sdk(tmp_path: Path, upstream_server: FakeUpstrea
         "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
     }
     assert len(upstream_server.message_bodies) == 3
-    request_lines = [line for line in output[0].splitlines() if "POST /v1/chat/completions ->" in line]
-    assert len(request_lines) == 3
+    lines = output[0].splitlines()
+    proxied_lines = [line for line in lines if "POST /v1/chat/completions -> " in line and " 1 attempt, " in line]
+    rejected_lines = [line for line in lines if "POST /v1/chat/completions -> 401: Missing or invalid" in line]
+    assert len(proxied_lines) == 3
+    assert len(rejected_lines) == 1
     assert API_KEY not in output[0]
 
 
@@ -4575,7 +4578,7 @@ def test_end_to_end_browser_login(tmp_path: Path, upstream_server: FakeUpstreamS
     assert reply_text == "Hello from the fake upstream."
     assert upstream_server.authorizations == ["Bearer sk-ant-oat01-login-1"]
     assert health_after["account_valid"] is True
-    assert "GET /callback?(hidden)" in output
+    assert "Login completed for organization org-1234" in output
     for secret in (exchange["code"], exchange["code_verifier"], "sk-ant-oat01-login-1", "sk-ant-ort01-login-1", API_KEY):
         assert secret not in output
 
