@@ -1089,7 +1089,8 @@ def clove_environment(base: dict[str, str], upstream_port: int, workdir: Path) -
         "API_KEY": API_KEY,
         "DATA_FOLDER": str(data_folder),
         "CLAUDE_API_BASEURL": f"http://{HOST}:{upstream_port}",
-        "LOG_LEVEL": "WARNING",
+        # clove's default: one INFO line per request, as a user runs it.
+        "LOG_LEVEL": "INFO",
         "CLOVE_ENV_FILE": str(workdir / "no-clove.env"),
     }
 

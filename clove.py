@@ -1,6 +1,6 @@
 """clove: a small reverse proxy that serves the Anthropic API with one Claude account's OAuth tokens.
 
-Clients (the anthropic SDKs, Claude Code, curl) send requests with clove's own API key; clove
+Clients (the anthropic SDKs, Claude Code, curl) send requests with clove's own API key. clove
 replaces it with the account's OAuth access token, refreshes that token before it expires, and
 passes request and response bodies through unchanged. /v1/chat/completions serves OpenAI-format
 clients by translating their requests to the Messages API and the replies back.
@@ -858,7 +858,7 @@ class TokenManager:
         except _RefreshRejected as exc:
             stored = self._newer_stored_account(account) if retry_with_stored else None
             if stored is not None:
-                logger.warning("Refresh token rejected, but %s holds other tokens; using them", self.store.path)
+                logger.warning("Refresh token rejected, but %s contains other tokens; using them", self.store.path)
                 self.account = stored
                 if not stored.needs_refresh(time.time(), self.settings.refresh_leeway_seconds):
                     return stored.access_token
@@ -876,7 +876,7 @@ class TokenManager:
         return account.access_token
 
     def _newer_stored_account(self, account: Account) -> Account | None:
-        """The stored account when it is valid and holds other tokens than account."""
+        """Load the stored account; return it when it is valid and has other tokens than account."""
         try:
             stored = self.store.load()
         except AccountFileError:
@@ -1110,8 +1110,8 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
     """An HTTP/1.1 keep-alive pool whose work per request does not grow with the pool.
 
     httpcore 1.0's AsyncConnectionPool checks every pooled connection for expiry, with a
-    socket poll each, on every request; with 64 requests in flight that took about half of
-    clove's CPU. This pool keeps a stack of idle connections per origin, checks only the one it
+    socket poll each, on every request. With 64 requests in flight, py-spy showed that check
+    taking about half of clove's CPU. This pool keeps a stack of idle connections per origin, checks only the one it
     takes, and sweeps the rest at most once a second.
     """
 
@@ -1211,7 +1211,7 @@ class _PooledResponseBody(httpx.AsyncByteStream):
 
 
 def merge_beta_header(client_value: str | None) -> str:
-    """The client's anthropic-beta list plus the OAuth beta, without duplicates and in order."""
+    """Return the client's anthropic-beta list plus the OAuth beta, without duplicates and in order."""
     betas: list[str] = []
     for item in (client_value or "").split(","):
         item = item.strip()
@@ -2660,7 +2660,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def validate_messages_body(body: bytes) -> bool:
-    """Check the fields clove relies on and return whether the request asks for a stream.
+    """Check the fields clove relies on and return whether the request is for a stream.
 
     Everything else is left for the Anthropic API to judge.
     """
@@ -3068,7 +3068,7 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
 
 
 async def handle_client_disconnect(request: Request, exc: Exception) -> Response:
-    # The client went away while sending its body; nobody is left to read a response.
+    # The client went away while sending its body, so no one is left to read a response.
     return Response(status_code=400)
 
 
@@ -3343,8 +3343,8 @@ def serve(settings: Settings) -> None:
     if settings.workers == 1:
         uvicorn.run(create_app(settings), **options)
         return
-    # Workers import clove by name and build their own app from the same settings; the key is
-    # created here first so that it is printed once.
+    # Each worker imports clove by name and builds its own app from the same settings. The key is
+    # created here first, so that it is printed once and not by every worker.
     _print_generated_key(settings, *load_or_create_api_key(settings))
     app_folder = str(Path(__file__).resolve().parent)
     uvicorn.run("clove:create_app", factory=True, workers=settings.workers, app_dir=app_folder, **options)

@@ -110,7 +110,7 @@ def token_payload(access_token: str = NEW_ACCESS_TOKEN, refresh_token: str | Non
 class FakeAnthropic:
     """A MockTransport handler for the Messages API and the OAuth token endpoint.
 
-    Queue responses per path with `queue`; when a path's queue is empty it answers with a normal
+    Queue responses per path with `queue`; when a path's queue is empty it returns a normal
     reply. Every request is recorded, with its body read.
     """
 
@@ -1146,23 +1146,29 @@ def test_refresh_failure_gives_503_to_client(settings: clove.Settings, fake: Fak
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(("errno", "reason"), [(28, "No space left on device"), (30, "Read-only file system")])
 async def test_failed_save_keeps_tokens_in_memory(
-    settings: clove.Settings, fake: FakeAnthropic, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    settings: clove.Settings,
+    fake: FakeAnthropic,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    errno: int,
+    reason: str,
 ) -> None:
     account_store = expired_store(settings)
     tokens = make_tokens(settings, fake)
-    real_save = clove.AccountStore.save
+    real_mkstemp = clove.tempfile.mkstemp
 
-    def full_disk(self: clove.AccountStore, account: clove.Account) -> None:
-        raise OSError(28, "No space left on device")
+    def failing_mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        raise OSError(errno, reason)
 
-    monkeypatch.setattr(clove.AccountStore, "save", full_disk)
+    monkeypatch.setattr(clove.tempfile, "mkstemp", failing_mkstemp)
     assert await tokens.get_access_token() == NEW_ACCESS_TOKEN
     assert await tokens.get_access_token() == NEW_ACCESS_TOKEN
     assert account_store.load().refresh_token == REFRESH_TOKEN  # type: ignore[union-attr]
-    assert any("No space left on device" in message for message in caplog.messages)
+    assert any(reason in message for message in caplog.messages)
 
-    monkeypatch.setattr(clove.AccountStore, "save", real_save)
+    monkeypatch.setattr(clove.tempfile, "mkstemp", real_mkstemp)
     monkeypatch.setattr(clove, "SAVE_RETRY_INTERVAL_SECONDS", 0.0)
     tokens._next_save_attempt = 0.0
     assert await tokens.get_access_token() == NEW_ACCESS_TOKEN
@@ -3925,8 +3931,8 @@ async def call_asgi(app: Starlette, scope: dict[str, Any], body: bytes) -> tuple
 
 
 def test_body_content_length_superscript_digit(client: TestClient, fake: FakeAnthropic) -> None:
-    # "\xb2" is "²" in Latin-1, which str.isdigit() accepts and int() rejects. h11 answers 400 to
-    # such a header before clove sees it, but other ASGI servers may pass it on.
+    # "\xb2" is "²" in Latin-1, which str.isdigit() accepts and int() rejects. h11 rejects such a
+    # header with a 400 before clove sees it, but other ASGI servers may pass it on.
     headers = [(b"x-api-key", API_KEY.encode()), (b"content-length", b"\xb2")]
     assert client.portal is not None
     scope = asgi_scope("POST", "/v1/messages", headers)
@@ -4134,7 +4140,7 @@ def test_routes_survive_arbitrary_requests(
         return
     document = json.loads(body)
     if request["scope"]["path"] == clove.CHAT_COMPLETIONS_PATH:
-        # The OpenAI-format route answers in OpenAI's error shape.
+        # The OpenAI-format route returns errors in OpenAI's error shape.
         assert set(document) == {"error"}
         assert set(document["error"]) == {"message", "type", "param", "code"}
         assert isinstance(document["error"]["message"], str)
@@ -4818,8 +4824,8 @@ def test_sigkill_during_refreshes_keeps_account(tmp_path: Path) -> None:
             saved = json.loads((data_folder / "account.json").read_text())
             assert saved["refresh_token"] in upstream.issued[-2:], f"after kill {kills}"
             assert saved["status"] == "valid"
-            # A kill between the token response and the save leaves the previous token on disk;
-            # the fake accepts it again so the next round can go on, as a retried login would.
+            # A kill between the token response and the save leaves the previous token on disk.
+            # The fake accepts it again, so the next round can go on as after a new login.
             upstream.current_refresh_token = saved["refresh_token"]
 
         process, base_url = start_clove(data_folder, upstream)
