@@ -1828,7 +1828,7 @@ def render_soak_markdown(result: SoakResult, checks: list[SoakCheck], command: s
         f"and message_stop each; then {result.burst:,} non-streaming requests at concurrency "
         f"{SOAK_BURST_CONCURRENCY}.",
         "- Open files and RSS before and after are read once idle upstream connections have expired "
-        f"({SOAK_POOL_EXPIRY_WAIT_S:g} s) and one request has swept them, so both readings include the same "
+        f"({SOAK_POOL_EXPIRY_WAIT_S:g} s) and one request has closed them, so both readings include the same "
         "idle pool: one upstream connection. Peak open files is sampled every "
         f"{SOAK_SAMPLE_INTERVAL_S:g} s, and peak RSS is VmHWM.",
         "",
