@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import email.utils
 import fcntl
+import getpass
 import hashlib
 import html
 import json
@@ -178,6 +179,13 @@ def _parse_text(value: str) -> str:
     return value.strip()
 
 
+def _parse_host(value: str) -> str:
+    # An empty host would make uvicorn listen on every IPv4 and IPv6 address.
+    if not value.strip():
+        raise ValueError("expected an address such as 127.0.0.1 or 0.0.0.0")
+    return value.strip()
+
+
 def _parse_optional_text(value: str) -> str | None:
     return value.strip() or None
 
@@ -248,7 +256,7 @@ class SettingSpec:
 
 
 SETTINGS: tuple[SettingSpec, ...] = (
-    SettingSpec("HOST", ("host",), _parse_text, "0.0.0.0", "Address to listen on; 127.0.0.1 keeps clove local."),
+    SettingSpec("HOST", ("host",), _parse_host, "0.0.0.0", "Address to listen on; 127.0.0.1 keeps clove local."),
     SettingSpec("PORT", ("port",), _make_int_parser(1, 65535), "5201", "TCP port to listen on."),
     SettingSpec(
         "API_KEY",
@@ -292,7 +300,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "OAUTH_SCOPES", ("oauth", "scopes"), _parse_text, "user:profile user:inference", "Space-separated OAuth scopes."
     ),
-    SettingSpec("DATA_FOLDER", ("data_folder",), _parse_path, "~/.clove/data", "Folder for account.json and api_key."),
+    SettingSpec("DATA_FOLDER", ("data_folder",), _parse_path, "~/.clove/data", "Folder for account.json, api_key and config.json."),
     SettingSpec(
         "MAX_RETRIES", ("max_retries",), _make_int_parser(1, 20), "3", "Upstream attempts in total, first one included."
     ),
@@ -336,7 +344,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
         ("read_timeout",),
         _make_float_parser(1, 3600),
         "600",
-        "Seconds to wait between two bytes from the upstream (a whole non-streaming reply).",
+        "Seconds allowed between two bytes from the upstream; a non-streaming reply must arrive within it.",
     ),
     SettingSpec(
         "TOKEN_TIMEOUT",
@@ -732,6 +740,8 @@ class TokenManager:
         # When the last refresh failed (monotonic seconds), and the error it gave.
         self._failed_at = -math.inf
         self._failure: CloveError | None = None
+        # The reason the last refresh failed, until one succeeds; shown on /health.
+        self._last_refresh_error: str | None = None
         self._unsaved = False
         self._next_save_attempt = 0.0
         with data_folder_lock(settings.data_folder):
@@ -739,6 +749,7 @@ class TokenManager:
         self.reload()
 
     def reload(self) -> None:
+        self._last_refresh_error = None
         try:
             self.account = self.store.load()
             self.load_error = None
@@ -771,6 +782,7 @@ class TokenManager:
             self.store.save(account)
             self.account = account
             self.load_error = None
+            self._last_refresh_error = None
             self._refresh_not_before = 0.0
             self._unsaved = False
 
@@ -895,6 +907,9 @@ class TokenManager:
             failure, wait = await self._post_token_request(url, body)
             if isinstance(failure, dict):
                 return failure
+            if wait == _NOT_RETRYABLE:
+                logger.error("Token refresh failed: %s", failure)
+                raise _RefreshFailed(failure)
             if attempt == attempts:
                 logger.error("Token refresh failed after %d attempts: %s", attempts, failure)
                 raise _RefreshFailed(failure)
@@ -927,12 +942,17 @@ class TokenManager:
         shown = "a response without access_token" if response.status_code == 200 else f"status {response.status_code}"
         if payload is None:
             shown += " with a non-JSON body"
+        if 400 <= response.status_code < 500 and response.status_code != 429:
+            # A 404 or 405 means a wrong setting, which no retry mends.
+            advice = "check OAUTH_TOKEN_URL and OAUTH_CLIENT_ID"
+            return f"POST {url} returned {shown}; {advice}", _NOT_RETRYABLE
         wait = parse_retry_after(response.headers.get("retry-after"))
         if wait is not None and wait > MAX_HONOURED_RETRY_AFTER_SECONDS:
             wait = MAX_HONOURED_RETRY_AFTER_SECONDS
         return f"POST {url} returned {shown}", wait
 
     def _fall_back_after_failure(self, account: Account, exc: _RefreshFailed) -> str:
+        self._last_refresh_error = exc.reason
         now = time.time()
         self._refresh_not_before = now + REFRESH_BACKOFF_SECONDS
         if not account.has_expired(now):
@@ -955,6 +975,7 @@ class TokenManager:
 
     def _apply_token_payload(self, account: Account, payload: Mapping[str, Any]) -> None:
         update_account_from_token_payload(account, payload)
+        self._last_refresh_error = None
         self._refresh_not_before = 0.0
         logger.info(
             "Refreshed the access token for organization %s; it expires at %s",
@@ -1006,14 +1027,20 @@ class TokenManager:
             return {"account_valid": False, "account_status": "missing"}
         now = time.time()
         expires_in = None if account.expires_at is None else int(account.expires_at - now)
-        valid = account.status == "valid" and (account.refreshable or not account.has_expired(now))
-        return {
+        expired = account.has_expired(now)
+        # An expired token is usable only through a refresh, so a failing refresh makes it unusable.
+        refresh_failing = self._last_refresh_error is not None
+        valid = account.status == "valid" and not (expired and (refresh_failing or not account.refreshable))
+        details = {
             "account_valid": valid,
             "account_status": account.status,
             "organization_uuid": account.organization_uuid,
             "expires_in_seconds": expires_in,
             "refreshable": account.refreshable,
         }
+        if refresh_failing:
+            details["last_refresh_error"] = self._last_refresh_error
+        return details
 
 
 def update_account_from_token_payload(account: Account, payload: Mapping[str, Any]) -> None:
@@ -1043,6 +1070,10 @@ def update_account_from_token_payload(account: Account, payload: Mapping[str, An
             account.account_uuid = details["uuid"]
     account.status = "valid"
     account.updated_at = now
+
+
+# The retry delay _post_token_request returns for a failure that retrying cannot fix.
+_NOT_RETRYABLE = -1.0
 
 
 class _RefreshRejected(Exception):
@@ -1305,7 +1336,7 @@ class Upstream:
                 reason = describe_transport_error(exc)
                 if attempt >= attempts:
                     logger.error("Upstream %s %s failed after %d attempts: %s", call.method, call.path, attempt, reason)
-                    raise _transport_failure(reason) from None
+                    raise _transport_failure(reason, self.settings.claude_api_baseurl) from None
                 await self._wait_before_retry(attempt, reason, None)
                 continue
 
@@ -1371,9 +1402,10 @@ def describe_transport_error(exc: httpx.TransportError) -> str:
     return f"connection error ({type(exc).__name__})"
 
 
-def _transport_failure(reason: str) -> CloveError:
+def _transport_failure(reason: str, base_url: str | None = None) -> CloveError:
     status = 504 if "timed out" in reason else 502
-    return CloveError(f"The Anthropic API could not be reached: {reason}.", status_code=status, error_type="api_error")
+    where = f" at {base_url}" if base_url else ""
+    return CloveError(f"The Anthropic API{where} could not be reached: {reason}.", status_code=status, error_type="api_error")
 
 
 def sse_error_event(error_type: str, message: str) -> bytes:
@@ -2689,6 +2721,8 @@ def validate_messages_body(body: bytes) -> bool:
 def _invalid_field(name: str, expected: str, value: object, present: bool) -> CloveError:
     if not present:
         message = f"{name}: Field required (expected {expected})."
+    elif value == []:
+        message = f"{name}: expected {expected}, got an empty list."
     else:
         message = f"{name}: expected {expected}, got {type(value).__name__ if value is not None else 'null'}."
     return CloveError(message, status_code=400, error_type="invalid_request_error")
@@ -3316,7 +3350,7 @@ def main(argv: list[str] | None = None) -> int:
             print("A running clove serves it from its next request; there is no need to restart it.")
             return EXIT_OK
         if command == "import-token" and len(arguments) <= 2:
-            token = arguments[1] if len(arguments) == 2 and arguments[1] != "-" else sys.stdin.readline()
+            token = arguments[1] if len(arguments) == 2 and arguments[1] != "-" else _read_token_from_stdin()
             import_token(settings, token)
             print(f"Imported the token into {settings.data_folder / 'account.json'}; {LONG_LIVED_TOKEN_NOTE}")
             return EXIT_OK
@@ -3339,7 +3373,7 @@ def serve(settings: Settings) -> None:
         # clove logs one line per request itself, with what uvicorn's access log cannot know.
         "access_log": False,
     }
-    logger.info("clove listening on http://%s:%d with %d worker(s)", settings.host, settings.port, settings.workers)
+    logger.info("clove starting on http://%s:%d with %d worker(s)", settings.host, settings.port, settings.workers)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler that
     # was installed before it started. This no-op handler makes that a normal exit with status 0.
     signal.signal(signal.SIGTERM, lambda number, frame: None)
@@ -3353,10 +3387,20 @@ def serve(settings: Settings) -> None:
     uvicorn.run("clove:create_app", factory=True, workers=settings.workers, app_dir=app_folder, **options)
 
 
+def _read_token_from_stdin() -> str:
+    if sys.stdin.isatty():
+        # Read without echo, so the token does not stay on the screen.
+        return getpass.getpass("Paste the token and press Enter: ")
+    return sys.stdin.readline()
+
+
 def _describe_expiry(account: Account) -> str:
     if account.expires_at is None:
         return LONG_LIVED_TOKEN_NOTE
     moment = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(account.expires_at))
+    if account.has_expired(time.time()):
+        refresh = "clove refreshes it on the next request" if account.refreshable else "it has no refresh token"
+        return f"the access token expired at {moment}, and {refresh}"
     refresh = "clove refreshes it before then" if account.refreshable else "it has no refresh token"
     return f"the access token expires at {moment}, and {refresh}"
 

@@ -286,6 +286,11 @@ def test_settings_invalid_value_names_setting(name: str, value: str, message: st
         clove.load_settings({"CLOVE_ENV_FILE": "/nonexistent", name: value})
 
 
+def test_settings_empty_host_rejected() -> None:
+    with pytest.raises(clove.SettingsError, match="^invalid HOST '': expected an address such as 127.0.0.1"):
+        clove.load_settings({"CLOVE_ENV_FILE": "/nonexistent", "HOST": ""})
+
+
 def test_settings_config_json_invalid(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(clove.SettingsError, match="invalid JSON in .*config.json"):
@@ -607,7 +612,7 @@ def test_cors_allows_listed_origin(settings: clove.Settings, store: clove.Accoun
         (b'{"max_tokens": 5, "messages": [{}]}', "model: Field required (expected a non-empty string)."),
         (b'{"model": 5, "max_tokens": 5, "messages": [{}]}', "model: expected a non-empty string, got int."),
         (b'{"model": "m", "max_tokens": 5}', "messages: Field required (expected a non-empty list)."),
-        (b'{"model": "m", "max_tokens": 5, "messages": []}', "messages: expected a non-empty list, got list."),
+        (b'{"model": "m", "max_tokens": 5, "messages": []}', "messages: expected a non-empty list, got an empty list."),
         (b'{"model": "m", "messages": [{}]}', "max_tokens: Field required (expected an integer)."),
         (b'{"model": "m", "max_tokens": "5", "messages": [{}]}', "max_tokens: expected an integer, got str."),
         (b'{"model": "m", "max_tokens": true, "messages": [{}]}', "max_tokens: expected an integer, got bool."),
@@ -790,7 +795,9 @@ def test_connection_errors_exhausted(client: TestClient, fake: FakeAnthropic, ca
         fake.queue("/v1/messages", fail_with(httpx.ConnectError("refused")))
     response = post_message(client)
     assert response.status_code == 502
-    assert response.json() == clove.error_body("api_error", "The Anthropic API could not be reached: connection failed.")
+    assert response.json() == clove.error_body(
+        "api_error", f"The Anthropic API at {UPSTREAM} could not be reached: connection failed."
+    )
     assert "Upstream POST /v1/messages failed after 3 attempts: connection failed" in caplog.messages
 
 
@@ -1135,6 +1142,35 @@ async def test_burst_shares_failed_refresh(settings: clove.Settings, fake: FakeA
 
     assert statuses == [503] * 12
     assert len(fake.requests_to("/v1/oauth/token")) == 3
+
+
+@pytest.mark.anyio
+async def test_refresh_wrong_url_not_retried(settings: clove.Settings, fake: FakeAnthropic) -> None:
+    expired_store(settings)
+    fake.queue("/v1/oauth/token", reply(404, text="Not Found"))
+    tokens = make_tokens(settings, fake)
+
+    with pytest.raises(clove.CloveError) as caught:
+        await tokens.get_access_token()
+
+    assert caught.value.status_code == 503
+    assert "returned status 404 with a non-JSON body; check OAUTH_TOKEN_URL and OAUTH_CLIENT_ID" in caught.value.message
+    assert len(fake.requests_to("/v1/oauth/token")) == 1
+
+
+def test_health_reports_failing_refresh(settings: clove.Settings, fake: FakeAnthropic) -> None:
+    expired_store(settings)
+    for _ in range(3):
+        fake.queue("/v1/oauth/token", reply(503, text="down"))
+    app = clove.create_app(settings, transport=httpx.MockTransport(fake))
+    with TestClient(app, headers={"x-api-key": API_KEY}) as test_client:
+        before = test_client.get("/health").json()
+        post_message(test_client)
+        after = test_client.get("/health").json()
+    assert before["account_valid"] is True
+    assert "last_refresh_error" not in before
+    assert after["account_valid"] is False
+    assert after["last_refresh_error"] == f"POST {TOKEN_URL} returned status 503 with a non-JSON body"
 
 
 def test_refresh_failure_gives_503_to_client(settings: clove.Settings, fake: FakeAnthropic) -> None:
@@ -3358,7 +3394,7 @@ def test_chat_route_upstream_unreachable(client: TestClient, fake: FakeAnthropic
     assert response.status_code == 502
     assert response.json() == {
         "error": {
-            "message": "The Anthropic API could not be reached: connection failed.",
+            "message": f"The Anthropic API at {UPSTREAM} could not be reached: connection failed.",
             "type": "server_error",
             "param": None,
             "code": None,
@@ -3713,7 +3749,9 @@ def test_faults_connection_refused_gives_502(tmp_path: Path) -> None:
         output = stop_clove(process)
 
     assert response.status_code == 502
-    assert response.json() == clove.error_body("api_error", "The Anthropic API could not be reached: connection failed.")
+    assert response.json() == clove.error_body(
+        "api_error", f"The Anthropic API at {closed_upstream.base_url} could not be reached: connection failed."
+    )
     assert elapsed < 2.0
     assert f"failed after {FAULT_MAX_RETRIES} attempts: connection failed" in output
 
@@ -3730,7 +3768,9 @@ def test_faults_lost_before_headers_retried(
     response = httpx.post(base_url + "/v1/messages", content=STREAM_BODY, headers=headers, timeout=10)
 
     assert response.status_code == 502
-    assert response.json() == clove.error_body("api_error", f"The Anthropic API could not be reached: {reason}.")
+    assert response.json() == clove.error_body(
+        "api_error", f"The Anthropic API at {faulty_upstream.base_url} could not be reached: {reason}."
+    )
     assert faulty_upstream.attempts(headers["x-fake-tag"]) == FAULT_MAX_RETRIES
 
 
@@ -3779,7 +3819,7 @@ def test_faults_stall_before_headers_gives_504(
 
     assert response.status_code == 504
     assert response.json() == clove.error_body(
-        "api_error", "The Anthropic API could not be reached: timed out waiting for the upstream."
+        "api_error", f"The Anthropic API at {faulty_upstream.base_url} could not be reached: timed out waiting for the upstream."
     )
     assert faulty_upstream.attempts(headers["x-fake-tag"]) == FAULT_MAX_RETRIES
     assert elapsed >= FAULT_MAX_RETRIES * FAULT_READ_TIMEOUT
