@@ -295,7 +295,7 @@ def encode_event(name: str, data: dict[str, Any], sequence: Iterator[int] | None
 
 
 class FakeUpstream:
-    """Anthropic Messages API stand-in that answers at once and streams with fixed gaps."""
+    """Anthropic Messages API stand-in that replies at once and streams with fixed gaps."""
 
     def __init__(self, token: str, deltas: int, gap_s: float, hold_max_s: float) -> None:
         self.authorization = f"Bearer {token}"
@@ -1419,8 +1419,9 @@ SOAK_EVENT_TIMEOUT_S = 5 * HOLD_PING_INTERVAL_S
 SOAK_SAMPLE_INTERVAL_S = 0.5
 # The baseline is read after a warm-up that held every stream once. Measured from a cold start
 # instead, RSS stays about 40% higher after the soak in a run with 500 streams on a 2-core VM
-# (Python 3.11.7), although clove's live Python blocks (sys.getallocatedblocks()) return to
-# within 1%: CPython's allocators keep freed memory for reuse. The table shows the cold reading.
+# (Python 3.11.7). clove's live Python blocks (sys.getallocatedblocks()) return to within 1%.
+# The difference is freed memory that CPython's allocators keep for reuse. The table shows the
+# cold reading.
 SOAK_RSS_GROWTH_LIMIT = 0.20
 # clove keeps idle upstream connections open until a request takes a connection from its
 # pool. That request closes every idle connection older than KEEPALIVE_EXPIRY_SECONDS (5 s),
