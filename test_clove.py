@@ -33,6 +33,7 @@ import httpx
 import hypothesis
 import openai
 import pytest
+import trustme
 import uvicorn
 from hypothesis import strategies as st
 from starlette.applications import Starlette
@@ -4665,6 +4666,59 @@ def test_login_command_updates_running_server(tmp_path: Path, upstream_server: F
     assert upstream_server.authorizations == ["Bearer sk-ant-oat01-before-login", "Bearer sk-ant-oat01-login-1"]
     assert "Account file changed on disk" in output
     assert "sk-ant-oat01-login-1" not in login_output + login_errors + output
+
+
+class TlsUpstreamServer(FakeUpstreamServer):
+    """The fake upstream served over HTTPS, with a certificate for 127.0.0.1 from a test CA."""
+
+    def __init__(self, certificate_chain: Path) -> None:
+        super().__init__()
+        app = self.server.config.app
+        self.base_url = f"https://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            ssl_certfile=str(certificate_chain),
+            ssl_keyfile=str(certificate_chain),
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+
+def test_end_to_end_over_tls(tmp_path: Path) -> None:
+    # The real upstream is HTTPS, so clove's own connection pool must do TLS with the system's
+    # trust store; SSL_CERT_FILE points httpx's default context at the test CA instead.
+    authority = trustme.CA()
+    chain = tmp_path / "server.pem"
+    authority.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(chain))
+    ca_file = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(ca_file))
+    data_folder = tmp_path / "data"
+    clove.AccountStore(data_folder).save(
+        make_account(access_token="sk-ant-oat01-e2e-0", refresh_token="sk-ant-ort01-e2e-0", expires_at=int(time.time()) - 1)
+    )
+
+    with TlsUpstreamServer(chain) as upstream:
+        process, base_url = start_clove(data_folder, upstream, SSL_CERT_FILE=str(ca_file))
+        try:
+            with anthropic.Anthropic(base_url=base_url, api_key=API_KEY, max_retries=0) as sdk:
+                message = sdk.messages.create(
+                    model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "Hi"}]
+                )
+                with sdk.messages.stream(
+                    model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "Hi"}]
+                ) as stream:
+                    streamed_text = "".join(stream.text_stream)
+        finally:
+            output = stop_clove(process)
+
+    assert message.content[0].text == "Hello from the fake upstream."  # type: ignore[union-attr]
+    assert streamed_text == "Hello from the stream."
+    assert upstream.token_calls == 1
+    assert upstream.authorizations == ["Bearer sk-ant-oat01-e2e-1"] * 2
+    assert "ERROR" not in output
 
 
 def test_uvicorn_factory_serves_health(tmp_path: Path) -> None:
