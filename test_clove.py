@@ -4410,7 +4410,8 @@ def stop_clove(process: subprocess.Popen[str]) -> str:
 def test_end_to_end_with_anthropic_sdk(tmp_path: Path, upstream_server: FakeUpstreamServer) -> None:
     data_folder = tmp_path / "data"
     credentials = tmp_path / "credentials.json"
-    expires_soon_ms = int((time.time() + 3) * 1000) + 300_000
+    # Due for refresh 6 s from now: after clove has started and served the first two calls.
+    expires_soon_ms = int((time.time() + 6) * 1000) + 300_000
     credentials.write_text(
         json.dumps({"claudeAiOauth": {"accessToken": "sk-ant-oat01-e2e-0", "refreshToken": "sk-ant-ort01-e2e-0", "expiresAt": expires_soon_ms}})
     )
