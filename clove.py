@@ -632,9 +632,9 @@ LOCK_TIMEOUT_SECONDS = 60.0
 LOCK_POLL_SECONDS = 0.01
 
 
-def _open_lock_file(folder: Path) -> int | None:
+def _open_lock_file(folder: Path, name: str = LOCK_FILE_NAME) -> int | None:
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = folder / LOCK_FILE_NAME
+    path = folder / name
     try:
         return os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
     except OSError:
@@ -647,9 +647,12 @@ def _open_lock_file(folder: Path) -> int | None:
 
 
 @contextlib.contextmanager
-def data_folder_lock(folder: Path) -> Iterator[None]:
-    """Hold the data folder's exclusive flock, blocking until it is free (for commands)."""
-    descriptor = _open_lock_file(folder)
+def data_folder_lock(folder: Path, name: str = LOCK_FILE_NAME) -> Iterator[None]:
+    """Hold an exclusive flock on a lock file in the data folder, blocking until it is free.
+
+    Used by commands and for short file updates; the refresh path uses data_folder_lock_async.
+    """
+    descriptor = _open_lock_file(folder, name)
     try:
         if descriptor is not None:
             fcntl.flock(descriptor, fcntl.LOCK_EX)
@@ -2448,46 +2451,84 @@ class PendingLogin:
     created_at: float
 
 
+PENDING_LOGINS_FILE_NAME = "pending_logins.json"
+PENDING_LOGINS_LOCK_NAME = "pending_logins.lock"
+
+
 class PendingLogins:
     """Pending logins keyed by state: each is used once, expires, and the oldest go first when full.
 
-    clock returns seconds (time.monotonic by default), and tests replace it to expire logins.
+    They are kept in DATA_FOLDER/pending_logins.json (mode 0600, under their own flock), so that a
+    callback can reach any worker process, not only the one that handed out the URL. When that
+    file cannot be written, they stay in this process's memory. clock returns Unix seconds, and
+    tests replace it to expire logins.
     """
 
-    # NOTE: the logins live in one process, so a callback must reach the process that started its login.
-
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.clock = clock
+        self.path = settings.data_folder / PENDING_LOGINS_FILE_NAME
         self._logins: dict[str, PendingLogin] = {}
 
     def __len__(self) -> int:
-        return len(self._logins)
+        with self._locked():
+            return len(self._logins)
 
     def start(self) -> PendingLogin:
         """Create a verifier and a state, remember them, and return the login with its URL."""
-        self._drop_expired()
-        while len(self._logins) >= MAX_PENDING_LOGINS:
-            del self._logins[next(iter(self._logins))]
         code_verifier = make_code_verifier()
         state = secrets.token_urlsafe(32)
         url = build_authorization_url(self.settings, make_code_challenge(code_verifier), state)
         login = PendingLogin(state, code_verifier, self.settings.oauth_redirect_uri, url, self.clock())
-        self._logins[state] = login
+        with self._locked():
+            self._drop_expired()
+            while len(self._logins) >= MAX_PENDING_LOGINS:
+                del self._logins[next(iter(self._logins))]
+            self._logins[state] = login
+            self._write()
         return login
 
     def take(self, state: str) -> PendingLogin:
         """Remove and return the login for state. Raises LoginError when it is unknown or expired."""
-        login = self._logins.pop(state, None)
+        with self._locked():
+            login = self._logins.pop(state, None)
+            if login is not None:
+                self._write()
         if login is None:
             raise LoginError(
-                "No pending login has this state: it was used already, it expired, or another clove "
-                f"process (or this one before a restart) started it. {START_AGAIN}"
+                "No pending login has this state: it was used already, it expired, or it was started "
+                f"before clove restarted. {START_AGAIN}"
             )
         if self._expired(login):
             minutes = PENDING_LOGIN_TTL_SECONDS // 60
             raise LoginError(f"This login expired: it was started more than {minutes} minutes ago. {START_AGAIN}")
         return login
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        # Another process may have started or used logins since this one last looked.
+        with data_folder_lock(self.settings.data_folder, PENDING_LOGINS_LOCK_NAME):
+            self._read()
+            yield
+
+    def _read(self) -> None:
+        try:
+            records = json.loads(self.path.read_text(encoding="utf-8"))
+            stored = [PendingLogin(**record) for record in records]
+        except FileNotFoundError:
+            stored = list(self._logins.values())
+        except (OSError, ValueError, TypeError) as exc:
+            logger.warning("Ignoring unreadable %s (%s)", self.path, exc)
+            stored = list(self._logins.values())
+        # Objects this process already holds are kept, so a take returns the login that start made.
+        self._logins = {login.state: self._logins.get(login.state, login) for login in stored}
+
+    def _write(self) -> None:
+        records = [dataclasses.asdict(login) for login in self._logins.values()]
+        try:
+            write_private_file(self.path, json.dumps(records).encode("utf-8"))
+        except OSError as exc:
+            logger.warning("Cannot save %s (%s); pending logins stay in this process only", self.path, exc)
 
     def _expired(self, login: PendingLogin) -> bool:
         return self.clock() - login.created_at > PENDING_LOGIN_TTL_SECONDS

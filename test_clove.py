@@ -1355,6 +1355,35 @@ def test_pending_logins_drop_oldest_first(settings: clove.Settings) -> None:
     assert logins.take(started[-1].state) is started[-1]
 
 
+def test_pending_logins_shared_between_processes(settings: clove.Settings) -> None:
+    # Two instances over one data folder behave as two worker processes do.
+    first_worker = clove.PendingLogins(settings)
+    second_worker = clove.PendingLogins(settings)
+    login = first_worker.start()
+
+    assert second_worker.take(login.state) == login
+    with pytest.raises(clove.LoginError, match="^No pending login has this state: it was used already"):
+        first_worker.take(login.state)
+    path = settings.data_folder / "pending_logins.json"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert json.loads(path.read_text()) == []
+
+
+def test_pending_logins_unwritable_folder_stays_in_memory(
+    settings: clove.Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def read_only(path: Path, data: bytes) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(clove, "write_private_file", read_only)
+    logins = clove.PendingLogins(settings)
+    login = logins.start()
+
+    assert logins.take(login.state) is login
+    assert any("pending logins stay in this process only" in message for message in caplog.messages)
+    assert login.code_verifier not in caplog.text
+
+
 def test_pending_logins_drop_expired_on_start(settings: clove.Settings) -> None:
     now = [0.0]
     logins = clove.PendingLogins(settings, clock=lambda: now[0])
@@ -1515,7 +1544,7 @@ def test_callback_bad_state_makes_no_token_call(
         params = {"code": "c#not-the-state", "state": query["state"]}
     else:
         logins = client.app.state.logins  # type: ignore[attr-defined]
-        logins.clock = lambda: time.monotonic() + 601
+        logins.clock = lambda: time.time() + 601
     token_calls = len(fake.requests_to("/v1/oauth/token"))
 
     response = client.get("/callback", params=params)
@@ -4634,6 +4663,27 @@ def test_end_to_end_browser_login(tmp_path: Path, upstream_server: FakeUpstreamS
     assert "Login completed for organization org-1234" in output
     for secret in (exchange["code"], exchange["code_verifier"], "sk-ant-oat01-login-1", "sk-ant-ort01-login-1", API_KEY):
         assert secret not in output
+
+
+def test_browser_login_across_workers(tmp_path: Path, upstream_server: FakeUpstreamServer) -> None:
+    port = free_port()
+    redirect_uri = f"http://127.0.0.1:{port}/callback"
+    process, base_url = start_clove(
+        tmp_path / "data", upstream_server, port, OAUTH_REDIRECT_URI=redirect_uri, WORKERS="3"
+    )
+    try:
+        # Each request goes on a new connection, so the URLs and the callbacks spread over the workers.
+        urls = [
+            httpx.get(base_url + "/oauth/authorize", headers={"x-api-key": API_KEY}).json()["authorization_url"]
+            for _ in range(6)
+        ]
+        callbacks = [httpx.get(url, follow_redirects=True, timeout=30) for url in urls]
+    finally:
+        stop_clove(process)
+
+    assert [callback.status_code for callback in callbacks] == [200] * 6
+    assert len(upstream_server.code_exchanges) == 6
+    assert json.loads((tmp_path / "data" / "pending_logins.json").read_text()) == []
 
 
 def test_login_command_updates_running_server(tmp_path: Path, upstream_server: FakeUpstreamServer) -> None:
