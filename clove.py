@@ -2520,7 +2520,7 @@ class PendingLogins:
         except (OSError, ValueError, TypeError) as exc:
             logger.warning("Ignoring unreadable %s (%s)", self.path, exc)
             stored = list(self._logins.values())
-        # Objects this process already holds are kept, so a take returns the login that start made.
+        # Objects this process already has are kept, so a take returns the login that start made.
         self._logins = {login.state: self._logins.get(login.state, login) for login in stored}
 
     def _write(self) -> None:
