@@ -168,6 +168,18 @@ def error_body(error_type: str, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": error_type, "message": message}}
 
 
+def load_json_object(content: bytes) -> dict[str, Any] | None:
+    """Decode content as JSON; return the object, or None for invalid JSON or any other value.
+
+    RecursionError is caught too: nesting deeper than the interpreter's recursion limit.
+    """
+    try:
+        document = json.loads(content)
+    except (ValueError, RecursionError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
 def error_response(status_code: int, error_type: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(error_type, message), status_code=status_code, headers=headers)
 
@@ -2378,11 +2390,8 @@ def openai_error_type(anthropic_type: str, status_code: int) -> tuple[str, str |
 
 def _anthropic_error(body: bytes) -> tuple[str, str] | None:
     """Return (type, message) from `{"type": "error", "error": {...}}`, or None for any other body."""
-    try:
-        decoded = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    error = decoded.get("error") if isinstance(decoded, dict) else None
+    decoded = load_json_object(body)
+    error = decoded.get("error") if decoded is not None else None
     if not isinstance(error, dict) or not isinstance(error.get("type"), str):
         return None
     message = error.get("message")
@@ -2740,12 +2749,8 @@ def validate_messages_body(body: bytes) -> bool:
 
     Everything else is left for the Anthropic API to judge.
     """
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        # RecursionError: nesting deeper than the interpreter's recursion limit.
-        raise CloveError("Request body must be a JSON object.", status_code=400, error_type="invalid_request_error") from None
-    if not isinstance(document, dict):
+    document = load_json_object(body)
+    if document is None:
         raise CloveError("Request body must be a JSON object.", status_code=400, error_type="invalid_request_error")
     model = document.get("model")
     if not isinstance(model, str) or not model:
@@ -2912,11 +2917,8 @@ def _models_query(request: Request) -> bytes:
 
 
 def _convert_json_object(content: bytes, convert: Callable[[dict[str, Any]], dict[str, Any]]) -> bytes:
-    try:
-        document = json.loads(content)
-    except ValueError:
-        document = None
-    if not isinstance(document, dict):
+    document = load_json_object(content)
+    if document is None:
         logger.warning("Upstream returned a 200 reply that is not a JSON object; passing it on unchanged")
         return content
     return json.dumps(convert(document), ensure_ascii=False).encode("utf-8")
@@ -2961,12 +2963,8 @@ def chat_upstream_headers(client_headers: list[tuple[bytes, bytes]]) -> list[tup
 
 
 def _decode_chat_request(body: bytes) -> dict[str, Any]:
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        # RecursionError: nesting deeper than the interpreter's recursion limit.
-        document = None
-    if not isinstance(document, dict):
+    document = load_json_object(body)
+    if document is None:
         raise ChatRequestError("Invalid request body: expected a JSON object.")
     return document
 
@@ -2997,11 +2995,8 @@ async def _chat_error_response(upstream: httpx.Response, log_completion: Callabl
 
 
 def _chat_completion_response(upstream: httpx.Response) -> Response:
-    try:
-        message = json.loads(upstream.content)
-    except ValueError:
-        message = None
-    if not isinstance(message, dict):
+    message = load_json_object(upstream.content)
+    if message is None:
         raise CloveError("The Anthropic API returned a reply that is not a JSON object.", status_code=502)
     return JSONResponse(chat_completion_from_message(message), headers=_chat_response_headers(upstream))
 
