@@ -1224,6 +1224,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         self._next_sweep = now + IDLE_SWEEP_INTERVAL_SECONDS
         for idle in self._idle.values():
             expired = [connection for connection in idle if connection.has_expired()]
+            # The stack is updated before any await, so a connection checked in meanwhile stays.
             idle[:] = [connection for connection in idle if connection not in expired]
             for connection in expired:
                 await connection.aclose()
@@ -1321,13 +1322,13 @@ class ProxyCall:
 class Upstream:
     """Sends requests to the Anthropic API with retries before the first byte reaches the client."""
 
-    def __init__(self, settings: Settings, tokens: TokenManager, transport: httpx.AsyncBaseTransport) -> None:
+    def __init__(
+        self, settings: Settings, tokens: TokenManager, transport: httpx.AsyncBaseTransport, timeout: httpx.Timeout
+    ) -> None:
         self.settings = settings
         self.tokens = tokens
         self.transport = transport
-        self.timeout = httpx.Timeout(
-            connect=settings.connect_timeout, read=settings.read_timeout, write=60.0, pool=60.0
-        ).as_dict()
+        self.timeout = timeout.as_dict()
 
     async def open(self, call: ProxyCall) -> tuple[httpx.Response, int]:
         """Send call and return the upstream response with its headers read, and the attempt count.
@@ -3165,7 +3166,7 @@ def create_app(settings: Settings | None = None, transport: httpx.AsyncBaseTrans
 
     store = AccountStore(settings.data_folder)
     tokens = TokenManager(settings, store, client)
-    proxy = Proxy(settings, api_key, tokens, Upstream(settings, tokens, transport))
+    proxy = Proxy(settings, api_key, tokens, Upstream(settings, tokens, transport, timeout))
     login = LoginRoutes(settings, proxy, tokens, client)
     hide_callback_query = HideCallbackQuery()
 
