@@ -31,7 +31,7 @@ Metrics, all taken on the load generator's side unless noted:
   end of the round. Held streams are streaming requests that the fake upstream keeps open.
 - Startup: time from starting the process to the first 200 from GET /health, polled every 10 ms.
 
-With --soak, the script runs a soak test of clove instead: it holds 500 streams through clove
+With --soak, the script runs a soak test of clove instead: it keeps 500 streams open through clove
 for 60 s, then sends a burst of 5,000 non-streaming requests. It exits 1 unless every request
 succeeded, every stream received all its events, clove logged no errors, clove's open file
 count returned to its baseline and its RSS grew by at most 20%. The --soak-streams,
@@ -820,7 +820,7 @@ class Children:
         child = Child(name, process, port, log_path, started_at)
         self.running.append(child)
         # Popen returns right after exec, normally before the child starts a thread. Threads
-        # inherit the mask, and callers pin again once the child answers.
+        # inherit the mask, and callers pin again once the child responds.
         pin_process(child.pid, cpu)
         return child
 
@@ -880,7 +880,7 @@ async def wait_for_health(child: Child) -> float:
         if await check_health(child.port):
             return time.perf_counter() - child.started_at
         await asyncio.sleep(0.01)
-    raise ChildExited(f"{child.name} did not answer GET /health within {HEALTH_TIMEOUT_S:.0f} s:\n{child.log_tail()}")
+    raise ChildExited(f"{child.name} did not respond to GET /health within {HEALTH_TIMEOUT_S:.0f} s:\n{child.log_tail()}")
 
 
 # --------------------------------------------------------------------------------------
@@ -1409,7 +1409,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 SOAK_BURST_CONCURRENCY = 64
 SOAK_WARM_UP_REQUESTS = 500
-# The warm-up holds every stream for this long, so that the baseline is taken after clove has
+# The warm-up keeps every stream open for this long, so that the baseline is taken after clove has
 # carried the full load once.
 SOAK_WARM_UP_HOLD_S = 5.0
 SOAK_OPEN_CONCURRENCY = 64

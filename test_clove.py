@@ -4007,7 +4007,7 @@ async def call_asgi(app: Starlette, scope: dict[str, Any], body: bytes) -> tuple
 
 def test_body_content_length_superscript_digit(client: TestClient, fake: FakeAnthropic) -> None:
     # "\xb2" is "²" in Latin-1, which str.isdigit() accepts and int() rejects. h11 rejects such a
-    # header with a 400 before clove sees it, but other ASGI servers may pass it on.
+    # header with a 400 before clove receives it, but other ASGI servers may pass it on.
     headers = [(b"x-api-key", API_KEY.encode()), (b"content-length", b"\xb2")]
     assert client.portal is not None
     scope = asgi_scope("POST", "/v1/messages", headers)
@@ -4364,7 +4364,7 @@ class FakeUpstreamServer:
         return JSONResponse(MESSAGE, headers={"request-id": "req_e2e"})
 
     def tool_reply(self, body: dict[str, Any]) -> Response:
-        """Ask for the weather tool, or answer once the conversation ends with its result."""
+        """Ask for the weather tool, or reply once the conversation ends with its result."""
         last_block = body["messages"][-1]["content"][-1]
         if last_block["type"] == "tool_result":
             answer = f"It is {last_block['content']} in Paris."
